@@ -1,0 +1,207 @@
+"""The `surgery` command. Thin: parse, call the library, print. User errors are one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import click
+
+import surgery
+from surgery.errors import SurgeryError
+from surgery.patch import PATCHES, Patch, get_patch
+
+
+class Group(click.Group):
+    """A click group whose errors are one line on stderr: `error: ...`, exit 2."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, **kwargs: Any) -> Any:
+        kwargs["standalone_mode"] = False
+        try:
+            rv = super().main(args, prog_name or "surgery", **kwargs)
+        except SurgeryError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except click.ClickException as err:
+            click.echo(f"error: {err.format_message()}", err=True)
+            sys.exit(2)
+        except click.Abort:
+            click.echo("aborted", err=True)
+            sys.exit(130)
+        sys.exit(rv if isinstance(rv, int) else 0)
+
+
+@click.group(cls=Group)
+@click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.version_option(surgery.__version__, prog_name="surgery")
+def main(verbose: bool) -> None:
+    """Model surgery for HuggingFace causal LMs: rewrite, verify, evaluate, save."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
+    if not verbose:
+        logging.getLogger("surgery").setLevel(logging.INFO)
+        logging.getLogger("transformers").setLevel(logging.ERROR)
+
+
+# ---------------------------------------------------------------- list
+
+
+def field_type(annotation: Any) -> tuple[str, Any]:
+    """(display name, click type) for a pydantic field annotation."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
+        return field_type(args[0])
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = [str(a) for a in typing.get_args(annotation)]
+        return "|".join(choices), click.Choice(choices)
+    simple = {float: ("float", click.FLOAT), int: ("int", click.INT), bool: ("bool", click.BOOL), str: ("text", click.STRING)}
+    return simple.get(annotation, ("text", click.STRING))
+
+
+def describe_patch(cls: type[Patch]) -> dict[str, Any]:
+    return {
+        "name": cls.name,
+        "description": (cls.__doc__ or "").strip(),
+        "persist": cls.persist,
+        "config_only": cls.config_only,
+        "architectures": list(cls.architectures),
+        "parameters": [
+            {
+                "name": name,
+                "type": field_type(f.annotation)[0],
+                "required": f.is_required(),
+                "default": None if f.is_required() else f.default,
+                "description": f.description or "",
+            }
+            for name, f in cls.model_fields.items()
+        ],
+    }
+
+
+@main.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def list_patches(as_json: bool) -> None:
+    """List the registered patches, their parameters and supported architectures."""
+    described = [describe_patch(PATCHES[name]) for name in sorted(PATCHES)]
+    if as_json:
+        click.echo(json.dumps(described, indent=2))
+        return
+    for d in described:
+        click.echo(f"{d['name']}  [{d['persist']}]  {d['description']}")
+        for p in d["parameters"]:
+            default = "required" if p["required"] else f"default {p['default']}"
+            click.echo(f"    --{p['name'].replace('_', '-')} {p['type']} ({default}): {p['description']}")
+        click.echo(f"    architectures: {', '.join(d['architectures'])}")
+
+
+# ---------------------------------------------------------------- inspect
+
+
+@main.command("inspect")
+@click.argument("model")
+@click.option("--context", default="4k,32k,128k", show_default=True, help="Context lengths for KV size.")
+@click.option("--batch", default=1, show_default=True, type=int, help="Sequences in the batch.")
+@click.option("--kv-dtype", default=None, help="KV element type (bf16, fp16, fp32, fp8, int8, int4, int2); default the model's.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect_cmd(model: str, context: str, batch: int, kv_dtype: str | None, as_json: bool) -> None:
+    """Describe MODEL from its config alone (no weights are read)."""
+    from surgery.info import inspect, parse_length, render
+
+    contexts = tuple(parse_length(c) for c in context.split(",") if c.strip())
+    info = inspect(surgery.load_config(model), contexts, batch, kv_dtype)
+    click.echo(info.model_dump_json(indent=2) if as_json else render(info))
+
+
+# ---------------------------------------------------------------- apply
+
+
+class ApplyGroup(click.Group):
+    """`surgery apply PATCH ...`: one subcommand per registered patch, options from its fields."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(PATCHES)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command:
+        return apply_command(get_patch(name))
+
+
+def apply_command(cls: type[Patch]) -> click.Command:
+    options = []
+    for name, f in cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        kind, ctype = field_type(f.annotation)
+        default = "required" if f.is_required() else f"default: {f.default}"
+        if kind == "bool":
+            options.append(click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=f"{f.description} ({default})"))
+        else:
+            options.append(click.Option([flag, name], type=ctype, default=None, help=f"{f.description} ({default})"))
+
+    def run(model: str, output: str | None, force: bool, dtype: str, load_weights: bool, **params: Any) -> None:
+        apply_patch(cls, model, output, force, dtype, load_weights, params)
+
+    return click.Command(
+        cls.name,
+        callback=run,
+        help=(cls.__doc__ or "").strip(),
+        params=[
+            *options,
+            click.Argument(["model"]),
+            click.Option(["-o", "--output"], help="Output directory (default: ./MODEL-PATCH-PARAMS)."),
+            click.Option(["--force"], is_flag=True, help="Overwrite the output directory."),
+            click.Option(["--dtype"], default="auto", show_default=True, help="Load dtype (auto, float32, bfloat16, float16)."),
+            click.Option(
+                ["--load-weights"], is_flag=True, help="Load the weights even for a config-only patch."
+            ),
+        ],
+    )
+
+
+def apply_patch(cls: type[Patch], model: str, output: str | None, force: bool, dtype: str, load_weights: bool, params: dict[str, Any]) -> None:
+    from surgery.hub import apply_config_only, check_output
+    from surgery.models import local_dir, parse_dtype, resolve
+
+    flags = {n: "--" + n.replace("_", "-") for n in cls.model_fields}
+    patch = _validated(cls, {k: v for k, v in params.items() if v is not None}, flags)
+    parse_dtype(dtype)
+    source = resolve(model)
+    out = Path(output) if output else Path.cwd() / f"{source.name}-{patch.slug()}"
+    check_output(out, force)
+    start = time.perf_counter()
+    if patch.config_only and not load_weights and source.kind != "hub" and dtype == "auto":
+        out, record = apply_config_only(patch, local_dir(source), out, base_model=source.base_model, force=force)
+        how = "config only, weights copied"
+    else:
+        loaded, tokenizer = surgery.load_model(model, dtype=dtype)
+        record = patch.apply(loaded)
+        surgery.save(loaded, tokenizer, out, base_model=source.base_model, force=force)
+        how = "weights loaded"
+    for note in record.notes:
+        click.echo(f"  {note}")
+    click.echo(f"wrote {out} ({how}, {time.perf_counter() - start:.1f} s)")
+
+
+def _validated(cls: type[Patch], params: dict[str, Any], flags: dict[str, str]) -> Patch:
+    from pydantic import ValidationError
+
+    from surgery.errors import InvalidParams
+    from surgery.patch import format_validation_error
+
+    try:
+        return cls(**params)
+    except ValidationError as err:
+        message = format_validation_error(cls.name, err, list(flags))
+        for name, flag in flags.items():
+            message = message.replace(f" {name}:", f" {flag}:")
+        raise InvalidParams(message) from None
+
+
+main.add_command(ApplyGroup("apply", help="Apply a patch to MODEL and save the result: surgery apply PATCH [--param v]... MODEL"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Writing results: atomic checkpoint directories, the `surgery.json` manifest, the model card,
+and the config-only fast path for patches that never touch weights."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.errors import OutputExists
+from surgery.models import SOURCE_FILE
+from surgery.patch import Patch, PatchRecord, history
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "surgery.json"
+FICLONE = 0x40049409  # linux/fs.h: share the source's extents, copy on write
+NOT_COPIED = {"config.json", "README.md", MANIFEST, SOURCE_FILE}  # rewritten, not carried over
+
+
+def check_output(out: Path, force: bool) -> None:
+    """Fail before any work when `out` exists and overwriting was not asked for."""
+    if out.exists() and not force:
+        raise OutputExists(f"{out} already exists; pass --force to overwrite it or choose another -o")
+
+
+@contextlib.contextmanager
+def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; rename it to `out` only if the block succeeds."""
+    out = Path(out)
+    check_output(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            out.rename(trash / "old")
+            tmp.rename(out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def manifest(config: Any, base_model: str | None) -> dict[str, Any]:
+    import transformers
+
+    import surgery
+
+    return {
+        "base_model": base_model,
+        "patches": history(config),
+        "versions": {
+            "surgery": surgery.__version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+        },
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def model_card(config: Any, base_model: str | None) -> str:
+    """A README.md for the Hub: metadata header, what was done, how to load it."""
+    from huggingface_hub import ModelCardData
+
+    records = [PatchRecord(**r) for r in history(config)]
+    is_hub_id = bool(base_model) and base_model.count("/") == 1 and not base_model.startswith((".", "/"))
+    data = ModelCardData(
+        base_model=base_model if is_hub_id else None,
+        library_name="transformers",
+        tags=["surgery", *dict.fromkeys(r.name for r in records)],
+    )
+    rows = "\n".join(
+        f"| {i} | `{r.name}` | {', '.join(f'{k}={v}' for k, v in r.params.items())} | {r.persist} | "
+        f"{r.kv_bytes_per_token_before} → {r.kv_bytes_per_token_after} | {'; '.join(r.notes)} |"
+        for i, r in enumerate(records, 1)
+    )
+    runtime = any(r.persist == "runtime" for r in records)
+    loader = (
+        "import surgery\nmodel, tokenizer = surgery.load_model(\"PATH_OR_REPO\")"
+        if runtime
+        else "from transformers import AutoModelForCausalLM\n"
+        "model = AutoModelForCausalLM.from_pretrained(\"PATH_OR_REPO\")"
+    )
+    return f"""---
+{data.to_yaml()}
+---
+
+# {Path(str(base_model or "model")).name} after surgery
+
+Base model: `{base_model}`. Rewritten with [surgery](https://pypi.org/project/surgery/); the full
+record of each step is in `surgery.json` and in `config.json` under `surgery`.
+
+| # | patch | parameters | persists via | KV bytes/token | notes |
+|---|---|---|---|---|---|
+{rows}
+
+```python
+{loader}
+```
+"""
+
+
+def write_metadata(directory: Path, config: Any, base_model: str | None) -> None:
+    (directory / MANIFEST).write_text(json.dumps(manifest(config, base_model), indent=2) + "\n")
+    (directory / "README.md").write_text(model_card(config, base_model))
+
+
+def save(model: Any, tokenizer: Any, out: str | Path, *, base_model: str | None = None, force: bool = False) -> Path:
+    """Save weights, tokenizer, config, manifest and model card atomically to `out`."""
+    out = Path(out)
+    with atomic_dir(out, force) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_metadata(tmp, model.config, base_model)
+    log.info("saved %s", out)
+    return out
+
+
+def clone_file(src: Path, dst: Path) -> None:
+    """Copy-on-write clone where the filesystem supports it (btrfs, xfs: instant), else a kernel
+    copy. Never a hard link: saving into the output later would then rewrite the source too."""
+    try:
+        with open(src, "rb") as fin, open(dst, "wb") as fout:
+            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def skeleton(config: Any) -> Any:
+    """The model built from `config` with parameters on the meta device and real buffers (RoPE)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # from_pretrained ties; without it tied parameters are counted twice
+    return model
+
+
+def apply_config_only(
+    patch: Patch, src: Path, out: str | Path, *, base_model: str | None = None, force: bool = False
+) -> tuple[Path, PatchRecord]:
+    """Apply a config-only patch to a checkpoint on disk without reading its weights: the patch
+    runs on a skeleton (meta parameters, real rotary buffers) so it is checked and verified exactly
+    as in memory; then the new config is written next to copies of the weight files."""
+    from transformers import AutoConfig
+
+    assert patch.config_only, f"{patch.name} changes weights"
+    out = Path(out)
+    check_output(out, force)
+    config = AutoConfig.from_pretrained(src, local_files_only=True)
+    dtype = config.dtype
+    model = skeleton(config)
+    record = patch.apply(model)
+    model.config.dtype = dtype  # from_config would otherwise record the skeleton's float32
+    with atomic_dir(out, force) as tmp:
+        for f in sorted(Path(src).iterdir()):
+            if f.is_file() and f.name not in NOT_COPIED:
+                clone_file(f, tmp / f.name)
+        model.config.save_pretrained(tmp)
+        write_metadata(tmp, model.config, base_model)
+    return out, record

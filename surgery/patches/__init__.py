@@ -1,0 +1,3 @@
+"""Importing this package registers every built-in patch in `surgery.patch.PATCHES`."""
+
+from surgery.patches import rope  # noqa: F401

@@ -1,0 +1,356 @@
+"""RoPE scaling on a loaded model: yarn, ntk (static NTK-aware), dynamic-ntk, linear (position
+interpolation) and llama3.
+
+transformers computes `inv_freq` and the attention scaling when the rotary module is built, so a
+config change alone does nothing: we rewrite `rope_parameters`, rebuild every rotary module from
+the config, and verify the buffers against transformers' own RoPE functions. Scaling always
+starts from the *origin* (pretraining theta and length, found in the surgery history or the
+config), so yarn x2 applied twice equals yarn x4 applied once."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, PrivateAttr, model_validator
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
+from surgery.models import head_dim, text_config
+from surgery.patch import Patch, Snapshot, history, register
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+RESCALABLE = {"default", "linear", "dynamic", "yarn", "llama3"}  # rope types we can start from
+GLOBAL = "global"  # slot name when one rope_parameters dict serves every layer
+LONGROPE_ONLY = {"phi3"}  # configs that accept only default/longrope RoPE (Phi3 rewrites "yarn" at load)
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Pretraining RoPE of one slot, and the scaling factor it shipped with."""
+
+    rope_theta: float
+    max_len: int
+    factor: float
+
+
+def rope_slots(config: Any, apply_to: str) -> list[str]:
+    """Which rope_parameters dicts to rescale: GLOBAL, or layer types for nested configs."""
+    params = config.rope_parameters
+    if params and "rope_type" not in params and all(isinstance(v, dict) or v is None for v in params.values()):
+        return [t for t, v in params.items() if v is not None and (apply_to == "all" or t == apply_to)]
+    return [GLOBAL]
+
+
+def slot_params(config: Any, slot: str) -> dict[str, Any]:
+    return dict(config.rope_parameters if slot == GLOBAL else config.rope_parameters[slot])
+
+
+def _rope_records(config: Any) -> list[dict[str, Any]]:
+    return [r for r in history(config) if r["name"] in ROPE_PATCHES]
+
+
+def origin(config: Any, slot: str) -> Origin:
+    """The RoPE the model was pretrained with, so re-scaling never compounds on a scaled length."""
+    records = _rope_records(config)
+    if records and slot in records[0]["details"]["origin"]:
+        return Origin(**records[0]["details"]["origin"][slot])
+    params = slot_params(config, slot)
+    kind = params["rope_type"]
+    factor = float(params.get("factor") or 1.0) if kind != "default" else 1.0
+    max_pos = config.max_position_embeddings
+    pinned = params.get("original_max_position_embeddings") or getattr(
+        config, "original_max_position_embeddings", None
+    )
+    if kind in ("default", "dynamic"):
+        max_len = max_pos  # dynamic keeps max_position_embeddings at the original length
+    elif kind == "linear":
+        max_len = pinned or round(max_pos / factor)
+    else:
+        max_len = pinned or max_pos
+    return Origin(rope_theta=float(params["rope_theta"]), max_len=int(max_len), factor=factor)
+
+
+def current_factor(config: Any, slot: str) -> float:
+    records = _rope_records(config)
+    if records and slot in records[-1]["details"]["total_factor"]:
+        return float(records[-1]["details"]["total_factor"][slot])
+    return origin(config, slot).factor
+
+
+def rotary_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")]
+
+
+def rebuild_rotary(model: torch.nn.Module) -> None:
+    """Replace each rotary module by one built from the (patched) config, on the same device."""
+    for name, module in rotary_modules(model):
+        device = next(iter(module.buffers())).device
+        fresh = type(module)(config=module.config).to(device)  # device only: inv_freq stays fp32
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
+
+
+def _expected(module: torch.nn.Module, slot: str) -> tuple[torch.Tensor, float]:
+    """inv_freq and attention scaling as transformers computes them from the module's config."""
+    layer_type = None if slot == GLOBAL else slot
+    kind = slot_params(module.config, slot)["rope_type"]
+    fn = module.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
+    kwargs = {"layer_type": layer_type} if layer_type else {}
+    return fn(module.config, **kwargs)
+
+
+def as_longrope(config: Any, params: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
+    """Express a static scaling exactly as `longrope` with equal short and long per-frequency
+    factors, for configs that accept nothing else (Phi3). Same inv_freq, same attention scaling."""
+    probe = copy.deepcopy(config)
+    probe.rope_parameters = dict(params)
+    inv_freq, attention = ROPE_INIT_FUNCTIONS[params["rope_type"]](probe)
+    shape = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    base = params["rope_theta"] ** shape  # what longrope divides by, computed as it does
+    factors = (1.0 / (inv_freq.double() * base.double())).tolist()
+    out = {k: v for k, v in params.items() if k in ("rope_theta", "partial_rotary_factor", "factor")}
+    return {
+        **out,
+        "rope_type": "longrope",
+        "short_factor": factors,
+        "long_factor": factors,
+        "original_max_position_embeddings": params.get("original_max_position_embeddings", config.original_max_position_embeddings),
+        "attention_factor": float(attention),
+    }
+
+
+def _buffer_name(slot: str) -> str:
+    return "inv_freq" if slot == GLOBAL else f"{slot}_inv_freq"
+
+
+class RopePatch(Patch):
+    """Shared machinery; subclasses set `rope_type` and may override `new_params`."""
+
+    persist: ClassVar[str] = "config"
+    config_only: ClassVar[bool] = True
+    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+    rope_type: ClassVar[str]
+    static: ClassVar[bool] = True  # raise max_position_embeddings to origin x factor
+
+    factor: float = Field(
+        ge=1.0,
+        description="context extension factor relative to the current model (1 = unchanged); "
+        "applied twice, factors multiply",
+    )
+    apply_to: Literal["full_attention", "all"] = Field(
+        "full_attention",
+        description="per-layer-type RoPE models (Gemma3): rescale full-attention layers only, or all",
+    )
+
+    _origins: dict[str, Origin] = PrivateAttr(default_factory=dict)
+    _totals: dict[str, float] = PrivateAttr(default_factory=dict)
+
+    def new_params(self, old: dict[str, Any], start: Origin, total: float, rotary_dim: int) -> dict[str, Any]:
+        params = {"rope_type": self.rope_type, "rope_theta": start.rope_theta, "factor": total}
+        if "partial_rotary_factor" in old:
+            params["partial_rotary_factor"] = old["partial_rotary_factor"]
+        return params
+
+    def check(self, model: torch.nn.Module) -> None:
+        config = text_config(model.config)
+        if config.model_type not in ARCHITECTURES:
+            raise UnsupportedModel(
+                f"{self.name} supports model types {', '.join(ARCHITECTURES)}; got '{config.model_type}'"
+            )
+        if not rotary_modules(model) or not getattr(config, "rope_parameters", None):
+            raise UnsupportedModel(f"{self.name}: this model has no rotary embedding to rescale")
+        slots = rope_slots(config, self.apply_to)
+        if not slots:
+            raise UnsupportedModel(f"{self.name}: no layer type matches apply_to={self.apply_to}")
+        if config.model_type in LONGROPE_ONLY and not self.static:
+            raise UnsupportedModel(
+                f"{config.model_type} configs store only default or longrope RoPE, so {self.name} cannot "
+                "persist; use yarn, linear, llama3 or ntk"
+            )
+        for slot in slots:
+            kind = slot_params(config, slot).get("rope_type")
+            ours = kind == "longrope" and _rope_records(config)  # our own longrope encoding
+            if kind not in RESCALABLE and not ours:
+                raise UnsupportedModel(
+                    f"{self.name}: the model's RoPE is '{kind}', which cannot be rescaled; "
+                    f"supported starting points: {', '.join(sorted(RESCALABLE))}"
+                )
+
+    def rewrite(self, model: torch.nn.Module) -> list[str]:
+        config = text_config(model.config)
+        rotary_dim = int(head_dim(config) * slot_params(config, rope_slots(config, self.apply_to)[0]).get(
+            "partial_rotary_factor", 1.0))
+        origins = {s: origin(config, s) for s in rope_slots(config, self.apply_to)}
+        totals = {s: current_factor(config, s) * self.factor for s in origins}
+        rope = copy.deepcopy(config.rope_parameters)
+        for slot, start in origins.items():
+            new = self.new_params(slot_params(config, slot), start, totals[slot], rotary_dim)
+            if config.model_type in LONGROPE_ONLY and new["rope_type"] != "default":
+                new = as_longrope(config, new, rotary_dim)
+            if slot == GLOBAL:
+                rope = new
+            else:
+                rope[slot] = new
+        max_len = max(o.max_len for o in origins.values())
+        if self.static:
+            max_len = max(round(o.max_len * totals[s]) for s, o in origins.items())
+        config.rope_parameters = rope
+        config.max_position_embeddings = int(max_len)
+        if hasattr(config, "original_max_position_embeddings"):  # Phi3 reads it in preference
+            config.original_max_position_embeddings = max(o.max_len for o in origins.values())
+        rebuild_rotary(model)
+        self._origins, self._totals = origins, totals  # for details()
+        return [
+            f"{slot}: {self.rope_type} x{totals[slot]:g} from theta={o.rope_theta:g}, "
+            f"original length {o.max_len}; max_position_embeddings={config.max_position_embeddings}"
+            for slot, o in origins.items()
+        ]
+
+    def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
+        config = text_config(model.config)
+        for name, module in rotary_modules(model):
+            for slot in rope_slots(config, self.apply_to):
+                buffer = getattr(module, _buffer_name(slot))
+                inv_freq, scaling = _expected(module, slot)
+                got_scaling = getattr(module, "attention_scaling" if slot == GLOBAL else f"{slot}_attention_scaling")
+                if not torch.allclose(buffer.float().cpu(), inv_freq.float(), rtol=1e-6, atol=0):
+                    raise PatchDidNotTakeEffect(f"{name}.{_buffer_name(slot)} does not match the new config")
+                if abs(float(got_scaling) - float(scaling)) > 1e-9:
+                    raise PatchDidNotTakeEffect(f"{name}: attention scaling {got_scaling} != {scaling}")
+                old = before.buffers.get(f"{name}.{_buffer_name(slot)}")
+                changed = old is None or not torch.equal(old.cpu(), buffer.cpu()) or float(got_scaling) != 1.0
+                if self.factor != 1 and self.static and not changed:
+                    raise PatchDidNotTakeEffect(f"{name}: RoPE buffers unchanged after {self.name}")
+                if self.factor != 1 and not self.static:
+                    self._verify_dynamic(name, module, slot)
+
+    def _verify_dynamic(self, name: str, module: torch.nn.Module, slot: str) -> None:
+        """Dynamic NTK only changes inv_freq past max_position_embeddings: probe a copy there."""
+        probe = copy.deepcopy(module)
+        long = 2 * module.config.max_position_embeddings
+        x = torch.zeros(1, 1, 1, device=getattr(probe, _buffer_name(slot)).device)
+        positions = torch.tensor([[long - 1]], device=x.device)
+        args = () if slot == GLOBAL else (slot,)
+        probe(x, positions, *args)
+        kwargs = {} if slot == GLOBAL else {"layer_type": slot}
+        expected, _ = ROPE_INIT_FUNCTIONS["dynamic"](module.config, seq_len=long, **kwargs)
+        got = getattr(probe, _buffer_name(slot)).float().cpu()
+        if not torch.allclose(got, expected.float(), rtol=1e-6) or torch.equal(
+            got, getattr(module, _buffer_name(slot)).float().cpu()
+        ):
+            raise PatchDidNotTakeEffect(f"{name}: dynamic NTK did not rescale past the original length")
+
+    def details(self, model: torch.nn.Module, before: Snapshot) -> dict[str, Any]:
+        """The origin of every slot (the first RoPE record's wins) and each slot's total factor."""
+        records = _rope_records(model.config)
+        first = records[0]["details"]["origin"] if records else {}
+        last = records[-1]["details"]["total_factor"] if records else {}
+        return {
+            "origin": {**{s: vars(o) for s, o in self._origins.items()}, **first},
+            "total_factor": {**last, **self._totals},
+        }
+
+
+@register
+class Yarn(RopePatch):
+    """YaRN (Peng et al. 2023): NTK-by-parts interpolation plus attention temperature."""
+
+    name: ClassVar[str] = "yarn"
+    rope_type: ClassVar[str] = "yarn"
+    examples: ClassVar[list[dict[str, Any]]] = [{"factor": 4}, {"factor": 2, "beta_fast": 16, "beta_slow": 2}]
+
+    beta_fast: float = Field(32.0, gt=0, description="rotations above which dimensions are not interpolated")
+    beta_slow: float = Field(1.0, gt=0, description="rotations below which dimensions are fully interpolated")
+    attention_factor: float | None = Field(
+        None, gt=0, description="cos/sin scale; default 0.1*ln(total factor)+1 as in the paper"
+    )
+
+    @model_validator(mode="after")
+    def _betas(self) -> Yarn:
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(f"beta_fast ({self.beta_fast:g}) must be greater than beta_slow ({self.beta_slow:g})")
+        return self
+
+    def new_params(self, old: dict[str, Any], start: Origin, total: float, rotary_dim: int) -> dict[str, Any]:
+        params = super().new_params(old, start, total, rotary_dim)
+        params.update(
+            original_max_position_embeddings=start.max_len, beta_fast=self.beta_fast, beta_slow=self.beta_slow
+        )
+        if self.attention_factor is not None:
+            params["attention_factor"] = self.attention_factor
+        return params
+
+
+@register
+class Linear(RopePatch):
+    """Position interpolation (Chen et al. 2023): every frequency divided by the factor."""
+
+    name: ClassVar[str] = "linear"
+    rope_type: ClassVar[str] = "linear"
+    examples: ClassVar[list[dict[str, Any]]] = [{"factor": 2}]
+
+
+@register
+class DynamicNTK(RopePatch):
+    """Dynamic NTK: theta grows with the sequence once it passes the original length."""
+
+    name: ClassVar[str] = "dynamic-ntk"
+    rope_type: ClassVar[str] = "dynamic"
+    static: ClassVar[bool] = False
+    examples: ClassVar[list[dict[str, Any]]] = [{"factor": 2}]
+
+
+@register
+class NTK(RopePatch):
+    """Static NTK-aware scaling: theta' = theta * s^(d/(d-2)), stored as plain default RoPE."""
+
+    name: ClassVar[str] = "ntk"
+    rope_type: ClassVar[str] = "default"
+    examples: ClassVar[list[dict[str, Any]]] = [{"factor": 4}]
+
+    def new_params(self, old: dict[str, Any], start: Origin, total: float, rotary_dim: int) -> dict[str, Any]:
+        params = super().new_params(old, start, total, rotary_dim)
+        del params["factor"]
+        params["rope_theta"] = ntk_theta(start.rope_theta, total, rotary_dim)
+        return params
+
+
+def ntk_theta(theta: float, factor: float, rotary_dim: int) -> float:
+    """Static NTK-aware base: theta * s^(d/(d-2)) with d the rotary dimension."""
+    return theta * factor ** (rotary_dim / (rotary_dim - 2))
+
+
+@register
+class Llama3(RopePatch):
+    """Llama 3.1 frequency-band scaling: low frequencies interpolated, high ones kept."""
+
+    name: ClassVar[str] = "llama3"
+    rope_type: ClassVar[str] = "llama3"
+    examples: ClassVar[list[dict[str, Any]]] = [{"factor": 8}, {"factor": 4, "low_freq_factor": 2, "high_freq_factor": 8}]
+
+    low_freq_factor: float = Field(1.0, gt=0, description="wavelengths above original/low are fully interpolated")
+    high_freq_factor: float = Field(4.0, gt=0, description="wavelengths below original/high are kept")
+
+    @model_validator(mode="after")
+    def _bands(self) -> Llama3:
+        if self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError(
+                f"high_freq_factor ({self.high_freq_factor:g}) must be greater than "
+                f"low_freq_factor ({self.low_freq_factor:g})"
+            )
+        return self
+
+    def new_params(self, old: dict[str, Any], start: Origin, total: float, rotary_dim: int) -> dict[str, Any]:
+        params = super().new_params(old, start, total, rotary_dim)
+        params.update(
+            original_max_position_embeddings=start.max_len,
+            low_freq_factor=self.low_freq_factor,
+            high_freq_factor=self.high_freq_factor,
+        )
+        return params
+
+
+ROPE_PATCHES = {cls.name for cls in (Yarn, Linear, DynamicNTK, NTK, Llama3)}
