@@ -59,7 +59,12 @@ def field_type(annotation: Any) -> tuple[str, Any]:
     if typing.get_origin(annotation) is typing.Literal:
         choices = [str(a) for a in typing.get_args(annotation)]
         return "|".join(choices), click.Choice(choices)
-    simple = {float: ("float", click.FLOAT), int: ("int", click.INT), bool: ("bool", click.BOOL), str: ("text", click.STRING)}
+    simple = {
+        float: ("float", click.FLOAT),
+        int: ("int", click.INT),
+        bool: ("bool", click.BOOL),
+        str: ("text", click.STRING),
+    }
     return simple.get(annotation, ("text", click.STRING))
 
 
@@ -106,7 +111,9 @@ def list_patches(as_json: bool) -> None:
 @click.argument("model")
 @click.option("--context", default="4k,32k,128k", show_default=True, help="Context lengths for KV size.")
 @click.option("--batch", default=1, show_default=True, type=int, help="Sequences in the batch.")
-@click.option("--kv-dtype", default=None, help="KV element type (bf16, fp16, fp32, fp8, int8, int4, int2); default the model's.")
+@click.option(
+    "--kv-dtype", default=None, help="KV element type (bf16, fp16, fp32, fp8, int8, int4, int2); default the model's."
+)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect_cmd(model: str, context: str, batch: int, kv_dtype: str | None, as_json: bool) -> None:
     """Describe MODEL from its config alone (no weights are read)."""
@@ -137,7 +144,9 @@ def apply_command(cls: type[Patch]) -> click.Command:
         kind, ctype = field_type(f.annotation)
         default = "required" if f.is_required() else f"default: {f.default}"
         if kind == "bool":
-            options.append(click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=f"{f.description} ({default})"))
+            options.append(
+                click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=f"{f.description} ({default})")
+            )
         else:
             options.append(click.Option([flag, name], type=ctype, default=None, help=f"{f.description} ({default})"))
 
@@ -153,16 +162,24 @@ def apply_command(cls: type[Patch]) -> click.Command:
             click.Argument(["model"]),
             click.Option(["-o", "--output"], help="Output directory (default: ./MODEL-PATCH-PARAMS)."),
             click.Option(["--force"], is_flag=True, help="Overwrite the output directory."),
-            click.Option(["--dtype"], default="auto", show_default=True, help="Load dtype (auto, float32, bfloat16, float16)."),
             click.Option(
-                ["--load-weights"], is_flag=True, help="Load the weights even for a config-only patch."
+                ["--dtype"], default="auto", show_default=True, help="Load dtype (auto, float32, bfloat16, float16)."
             ),
+            click.Option(["--load-weights"], is_flag=True, help="Load the weights even for a config-only patch."),
         ],
     )
 
 
-def apply_patch(cls: type[Patch], model: str, output: str | None, force: bool, dtype: str, load_weights: bool, params: dict[str, Any]) -> None:
-    from surgery.hub import apply_config_only, check_output
+def apply_patch(
+    cls: type[Patch],
+    model: str,
+    output: str | None,
+    force: bool,
+    dtype: str,
+    load_weights: bool,
+    params: dict[str, Any],
+) -> None:
+    from surgery.hub import apply_config_only, check_output, skeleton
     from surgery.models import local_dir, parse_dtype, resolve
 
     flags = {n: "--" + n.replace("_", "-") for n in cls.model_fields}
@@ -176,6 +193,7 @@ def apply_patch(cls: type[Patch], model: str, output: str | None, force: bool, d
         out, record = apply_config_only(patch, local_dir(source), out, base_model=source.base_model, force=force)
         how = "config only, weights copied"
     else:
+        patch.check(skeleton(surgery.load_config(model)))  # refuse before reading any weights
         loaded, tokenizer = surgery.load_model(model, dtype=dtype)
         record = patch.apply(loaded)
         surgery.save(loaded, tokenizer, out, base_model=source.base_model, force=force)
@@ -200,7 +218,9 @@ def _validated(cls: type[Patch], params: dict[str, Any], flags: dict[str, str]) 
         raise InvalidParams(message) from None
 
 
-main.add_command(ApplyGroup("apply", help="Apply a patch to MODEL and save the result: surgery apply PATCH [--param v]... MODEL"))
+main.add_command(
+    ApplyGroup("apply", help="Apply a patch to MODEL and save the result: surgery apply PATCH [--param v]... MODEL")
+)
 
 
 if __name__ == "__main__":

@@ -88,10 +88,10 @@ def model_card(config: Any, base_model: str | None) -> str:
     )
     runtime = any(r.persist == "runtime" for r in records)
     loader = (
-        "import surgery\nmodel, tokenizer = surgery.load_model(\"PATH_OR_REPO\")"
+        'import surgery\nmodel, tokenizer = surgery.load_model("PATH_OR_REPO")'
         if runtime
         else "from transformers import AutoModelForCausalLM\n"
-        "model = AutoModelForCausalLM.from_pretrained(\"PATH_OR_REPO\")"
+        'model = AutoModelForCausalLM.from_pretrained("PATH_OR_REPO")'
     )
     return f"""---
 {data.to_yaml()}

@@ -87,7 +87,9 @@ def default_kv_dtype(config: Any) -> str:
     return name if name in KV_DTYPE_BYTES else "bfloat16"
 
 
-def inspect(config: Any, contexts: tuple[int, ...] = DEFAULT_CONTEXTS, batch: int = 1, kv_dtype: str | None = None) -> ModelInfo:
+def inspect(
+    config: Any, contexts: tuple[int, ...] = DEFAULT_CONTEXTS, batch: int = 1, kv_dtype: str | None = None
+) -> ModelInfo:
     """Describe a config: shape, attention kind, RoPE, parameters and KV-cache size by context."""
     kv_dtype = kv_dtype or default_kv_dtype(config)
     if kv_dtype not in KV_DTYPE_BYTES:
@@ -155,9 +157,7 @@ def render(info: ModelInfo) -> str:
         else "; ".join(f"{t}: {p}" for t, p in rope.items())
     )
     window = (
-        f"{info.sliding_window} tokens on {info.sliding_layers}/{info.layers} layers"
-        if info.sliding_window
-        else "none"
+        f"{info.sliding_window} tokens on {info.sliding_layers}/{info.layers} layers" if info.sliding_window else "none"
     )
     lines = [
         f"architecture     {info.architecture} ({info.model_type})",

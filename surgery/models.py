@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel
 
 from surgery.errors import ModelNotFound, SurgeryError
 from surgery.patch import history, make_patch
@@ -41,6 +40,7 @@ BUILTIN: dict[str, BuiltinModel] = {
     )
 }
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 SOURCE_FILE = "surgery-source.json"  # written next to a converted GGUF: where it came from
 
 
@@ -201,11 +201,15 @@ def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None =
         if local:
             raise ModelNotFound(f"could not load {where}: {err}") from err
         raise _hub_error(ref, err) from err
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
-    except (OSError, ValueError, TypeError) as err:
-        log.warning("no tokenizer for %s (%s); continuing without one", ref, err)
-        tokenizer = None
+    tokenizer = None
+    if path is None or any((path / f).is_file() for f in TOKENIZER_FILES):
+        # transformers builds a 1-token tokenizer from nothing for some model types: never do that
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
+        except (OSError, ValueError, TypeError) as err:
+            log.warning("no tokenizer for %s (%s); continuing without one", ref, err)
+    else:
+        log.warning("%s has no tokenizer files; continuing without a tokenizer", where)
     model.eval()
     for record in history(model.config):
         if record["persist"] == "runtime":

