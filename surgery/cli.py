@@ -218,6 +218,81 @@ def _validated(cls: type[Patch], params: dict[str, Any], flags: dict[str, str]) 
         raise InvalidParams(message) from None
 
 
+# ---------------------------------------------------------------- eval / compare
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option(
+    "--eval",
+    "specs",
+    multiple=True,
+    required=True,
+    help="'NAME key=value ...', repeatable, e.g. 'perplexity lengths=2048,8192'.",
+)
+@click.option("-o", "--out", help="Output directory (default: ./MODEL-eval).")
+@click.option("--force", is_flag=True, help="Overwrite the output directory.")
+@click.option("--dtype", default="float32", show_default=True, help="Load dtype.")
+def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, dtype: str) -> None:
+    """Evaluate MODEL; write results.json, report.md and plots to --out."""
+    from surgery.evaluate import make_eval
+    from surgery.evaluate.report import Report, parse_spec, write_report
+    from surgery.hub import atomic_dir, check_output
+    from surgery.models import parse_dtype, resolve
+
+    evals = [make_eval(*parse_spec(s)) for s in specs]  # every spec validated before loading
+    parse_dtype(dtype)
+    target = Path(out) if out else Path.cwd() / f"{resolve(model).name}-eval"
+    check_output(target, force)
+    loaded, tokenizer = surgery.load_model(model, dtype=dtype)
+    results = []
+    for e in evals:
+        click.echo(f"{e.name} ...")
+        result = e.run(loaded, tokenizer)
+        for k, v in result.metrics.items():
+            click.echo(f"  {k} = {v:.4g}")
+        click.echo(f"  ({result.seconds:.1f} s)")
+        results.append(result)
+    with atomic_dir(target, force) as tmp:
+        write_report(Report(model=model, results=results), tmp)
+    click.echo(f"wrote {target}: results.json, report.md, plots")
+
+
+@main.command("compare")
+@click.argument("before")
+@click.argument("after")
+@click.option("--gate", "gates", multiple=True, help="METRIC:RULE=VALUE, e.g. 'perplexity.ppl@2048:max_increase=5%'.")
+@click.option("-o", "--out", help="Write comparison.md, comparison.json and plots here.")
+@click.option("--force", is_flag=True, help="Overwrite the output directory.")
+def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None, force: bool) -> None:
+    """Compare two results.json files (or eval directories); exit 1 when a gate fails."""
+    from surgery.evaluate.gates import evaluate_gates, parse_gate
+    from surgery.evaluate.report import compare_rows, load_report, markdown_table, plot_perplexity
+    from surgery.hub import atomic_dir, check_output
+
+    parsed = [parse_gate(g) for g in gates]
+    if out:
+        check_output(Path(out), force)
+    b, a = load_report(before), load_report(after)
+    rows = compare_rows(b, a)
+    outcomes = evaluate_gates(parsed, b.metrics, a.metrics)
+    table = markdown_table(rows, outcomes)
+    click.echo(table, nl=False)
+    if out:
+        with atomic_dir(Path(out), force) as tmp:
+            (tmp / "comparison.md").write_text(f"# {b.model} -> {a.model}\n\n{table}")
+            payload = {"rows": [r.model_dump() for r in rows], "gates": [o.model_dump() for o in outcomes]}
+            (tmp / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n")
+            plot_perplexity({f"before ({b.model})": b, f"after ({a.model})": a}, tmp / "perplexity.png")
+        click.echo(f"wrote {out}")
+    failed = [o for o in outcomes if not o.passed]
+    if failed:
+        click.echo(f"{len(failed)} of {len(outcomes)} gate checks failed", err=True)
+        sys.exit(1)
+    if outcomes:
+        click.echo(f"all {len(outcomes)} gate checks passed")
+
+
 main.add_command(
     ApplyGroup("apply", help="Apply a patch to MODEL and save the result: surgery apply PATCH [--param v]... MODEL")
 )

@@ -1,0 +1,147 @@
+"""Results on disk (results.json, report.md, PNG plots) and before/after comparison tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from surgery.errors import SurgeryError
+from surgery.evaluate.base import EvalResult, higher_is_better
+from surgery.evaluate.gates import GateOutcome
+
+
+class Report(BaseModel):
+    model: str
+    results: list[EvalResult]
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return {k: v for r in self.results for k, v in r.metrics.items()}
+
+
+class Row(BaseModel):
+    metric: str
+    before: float | None
+    after: float | None
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.before is None or self.after is None else self.after - self.before
+
+    @property
+    def relative(self) -> float | None:
+        return None if self.delta is None or not self.before else self.delta / abs(self.before)
+
+
+def load_report(path: str | Path) -> Report:
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    if not path.is_file():
+        raise SurgeryError(f"no results file at {path}; pass the results.json written by `surgery eval`")
+    try:
+        return Report.model_validate_json(path.read_text())
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise SurgeryError(f"{path} is not a surgery results file ({where}: {first['msg']})") from None
+
+
+def fmt(x: float | None) -> str:
+    if x is None:
+        return "—"
+    return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3e}"
+
+
+def compare_rows(before: Report, after: Report) -> list[Row]:
+    b, a = before.metrics, after.metrics
+    return [Row(metric=m, before=b.get(m), after=a.get(m)) for m in sorted(set(b) | set(a), key=_metric_key)]
+
+
+def _metric_key(metric: str) -> tuple:
+    """Sort ppl@512 before ppl@2048: numbers compare as numbers."""
+    import re
+
+    return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", metric))
+
+
+def markdown_table(rows: list[Row], outcomes: list[GateOutcome] | None = None) -> str:
+    lines = ["| metric | before | after | Δ | Δ% |", "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        rel = f"{r.relative * 100:+.2f}%" if r.relative is not None else "—"
+        worse = r.delta is not None and (r.delta < 0 if higher_is_better(r.metric) else r.delta > 0)
+        mark = " ▼" if worse and r.relative is not None and abs(r.relative) > 0.01 else ""
+        lines.append(f"| {r.metric} | {fmt(r.before)} | {fmt(r.after)} | {fmt(r.delta)} | {rel}{mark} |")
+    if outcomes:
+        lines += ["", "| gate | metric | result | detail |", "|---|---|---|---|"]
+        for o in outcomes:
+            lines.append(f"| `{o.gate}` | {o.metric} | {'pass' if o.passed else '**FAIL**'} | {o.message} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_perplexity(reports: dict[str, Report], path: Path) -> Path | None:
+    """Perplexity by position, one line per report, on one figure; None without perplexity data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {
+        label: r.details["ppl_by_position"]
+        for label, report in reports.items()
+        for r in report.results
+        if r.name == "perplexity" and r.details.get("ppl_by_position")
+    }
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, curve in curves.items():
+        ax.plot([p for p, _ in curve], [v for _, v in curve], label=label, marker=".")
+    ax.set_xlabel("token position")
+    ax.set_ylabel("perplexity (bucket mean)")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    ax.set_title("Perplexity by position")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: Report, directory: Path) -> list[Path]:
+    """results.json, report.md and plots into `directory` (an existing, usually temporary, dir)."""
+    (directory / "results.json").write_text(report.model_dump_json(indent=2) + "\n")
+    rows = [
+        Row(metric=m, before=None, after=v)
+        for m, v in sorted(report.metrics.items(), key=lambda kv: _metric_key(kv[0]))
+    ]
+    lines = [f"# Evaluation of {report.model}", "", "| metric | value |", "|---|---:|"]
+    lines += [f"| {r.metric} | {fmt(r.after)} |" for r in rows]
+    lines += ["", "| eval | seconds |", "|---|---:|"] + [f"| {r.name} | {r.seconds:.1f} |" for r in report.results]
+    written = [directory / "results.json", directory / "report.md"]
+    plot = plot_perplexity({report.model: report}, directory / "perplexity.png")
+    if plot:
+        lines += ["", "![perplexity by position](perplexity.png)"]
+        written.append(plot)
+    (directory / "report.md").write_text("\n".join(lines) + "\n")
+    return written
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """'perplexity lengths=2048,8192 band=4096' -> ('perplexity', {...}); values as YAML scalars."""
+    import yaml
+
+    words = spec.split()
+    if not words:
+        raise SurgeryError("empty --eval; write e.g. --eval 'perplexity lengths=2048,8192'")
+    params: dict[str, Any] = {}
+    for word in words[1:]:
+        key, eq, raw = word.partition("=")
+        if not eq or not key:
+            raise SurgeryError(f"bad eval parameter '{word}' in '{spec}'; write key=value")
+        values = [yaml.safe_load(v) for v in raw.split(",")] if "," in raw else yaml.safe_load(raw)
+        params[key.replace("-", "_")] = values
+    return words[0], params

@@ -1,0 +1,71 @@
+"""Text for evaluation and healing. The offline default is the standard library's
+`pydoc_data.topics` (the Python language reference, ~113k SmolLM2 tokens of English prose),
+split deterministically by topic so an eval never scores text a fine-tune trained on. Users point
+at a local .txt / .jsonl file or any `datasets` dataset (`hf:NAME[:CONFIG]`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from surgery.errors import SurgeryError
+
+Split = Literal["train", "heldout"]
+HELDOUT_EVERY = 5  # one topic in five is held out
+
+
+def is_heldout(topic: str) -> bool:
+    return int(hashlib.sha1(topic.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0
+
+
+def pydoc_text(split: Split) -> str:
+    from pydoc_data.topics import topics
+
+    keep = [k for k in sorted(topics) if is_heldout(k) == (split == "heldout")]
+    return "\n\n".join(topics[k].strip() for k in keep)
+
+
+def load_text(source: str = "pydoc", split: Split = "heldout", field: str = "text") -> str:
+    """The text of a source: `pydoc`, a .txt or .jsonl path, or `hf:NAME[:CONFIG]`."""
+    if source == "pydoc":
+        return pydoc_text(split)
+    if source.startswith("hf:"):
+        return dataset_text(source[3:], split, field)
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise SurgeryError(f"no such text source '{source}'; use pydoc, a .txt or .jsonl file, or hf:NAME[:CONFIG]")
+    if path.suffix == ".jsonl":
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        missing = [i for i, r in enumerate(rows) if field not in r]
+        if missing:
+            raise SurgeryError(f"{path}: line {missing[0] + 1} has no '{field}' field")
+        return "\n\n".join(str(r[field]) for r in rows)
+    return path.read_text()
+
+
+def dataset_text(spec: str, split: Split, field: str) -> str:
+    import datasets
+
+    name, _, config = spec.partition(":")
+    hf_split = "train" if split == "train" else "test"
+    try:
+        data = datasets.load_dataset(name, config or None, split=hf_split)
+    except Exception as err:  # datasets raises many types for offline / missing / gated
+        raise SurgeryError(
+            f"could not load dataset '{name}' ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            "check the name and your network, or use --text pydoc or a local file"
+        ) from err
+    if field not in data.column_names:
+        raise SurgeryError(f"dataset '{name}' has no '{field}' column; it has {', '.join(data.column_names)}")
+    return "\n\n".join(t for t in data[field] if t)
+
+
+def token_stream(tokenizer, text: str):
+    """All tokens of `text` as one 1-D LongTensor, without special tokens, so every model compared
+    sees exactly the same ids after an optional BOS."""
+    import torch
+
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
