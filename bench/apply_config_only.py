@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -57,7 +56,9 @@ def main() -> None:
             runs = []
             for i in range(args.repeat):
                 out = work / f"out-{i}"
-                runs.append(timed([*SURGERY, "apply", "yarn", "--factor", "4", args.model, "-o", str(out), *extra], env))
+                runs.append(
+                    timed([*SURGERY, "apply", "yarn", "--factor", "4", args.model, "-o", str(out), *extra], env)
+                )
                 shutil.rmtree(out, ignore_errors=True)
             rows.append((label, median(runs)))
     finally:
@@ -67,7 +68,9 @@ def main() -> None:
         print(f"{label:40s} {wall:8.2f} {rss:13.0f}")
     print(f"load_model call alone, cached, fresh process: {inner:.2f} s (first: {float(first[2]):.2f} s)")
     loaded, config_only = rows[2][1], rows[3][1]
-    print(f"config-only / weights-loaded: time {config_only[0] / loaded[0]:.2f}x, peak RSS {config_only[1] / loaded[1]:.2f}x")
+    print(
+        f"config-only / weights-loaded: time {config_only[0] / loaded[0]:.2f}x, peak RSS {config_only[1] / loaded[1]:.2f}x"
+    )
 
 
 def median(runs: list[tuple[float, float]]) -> tuple[float, float]:

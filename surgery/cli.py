@@ -240,7 +240,7 @@ def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, d
     from surgery.hub import atomic_dir, check_output
     from surgery.models import parse_dtype, resolve
 
-    evals = [make_eval(*parse_spec(s)) for s in specs]  # every spec validated before loading
+    evals = [make_eval(name, **params) for name, params in map(parse_spec, specs)]  # all validated before loading
     parse_dtype(dtype)
     target = Path(out) if out else Path.cwd() / f"{resolve(model).name}-eval"
     check_output(target, force)
@@ -267,7 +267,7 @@ def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, d
 def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None, force: bool) -> None:
     """Compare two results.json files (or eval directories); exit 1 when a gate fails."""
     from surgery.evaluate.gates import evaluate_gates, parse_gate
-    from surgery.evaluate.report import compare_rows, load_report, markdown_table, plot_perplexity
+    from surgery.evaluate.report import compare_rows, load_report, markdown_table, plot_needle, plot_perplexity
     from surgery.hub import atomic_dir, check_output
 
     parsed = [parse_gate(g) for g in gates]
@@ -283,7 +283,9 @@ def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None
             (tmp / "comparison.md").write_text(f"# {b.model} -> {a.model}\n\n{table}")
             payload = {"rows": [r.model_dump() for r in rows], "gates": [o.model_dump() for o in outcomes]}
             (tmp / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n")
-            plot_perplexity({f"before ({b.model})": b, f"after ({a.model})": a}, tmp / "perplexity.png")
+            labels = {f"before: {Path(b.model).name}": b, f"after: {Path(a.model).name}": a}
+            plot_perplexity(labels, tmp / "perplexity.png")
+            plot_needle(labels, tmp / "needle.png")
         click.echo(f"wrote {out}")
     failed = [o for o in outcomes if not o.passed]
     if failed:

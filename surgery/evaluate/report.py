@@ -111,6 +111,36 @@ def plot_perplexity(reports: dict[str, Report], path: Path) -> Path | None:
     return path
 
 
+def plot_needle(reports: dict[str, Report], path: Path) -> Path | None:
+    """Accuracy heatmaps (length x depth), one panel per report; None without needle data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    grids = {label: r.details["grid"] for label, rep in reports.items() for r in rep.results if r.name == "needle"}
+    if not grids:
+        return None
+    fig, axes = plt.subplots(1, len(grids), figsize=(4.5 * len(grids), 3.5), squeeze=False)
+    for ax, (label, grid) in zip(axes[0], grids.items(), strict=True):
+        lengths = sorted(grid, key=int)
+        depths = sorted({d for row in grid.values() for d in row}, key=float)
+        values = [[grid[n].get(d, float("nan")) for d in depths] for n in lengths]
+        image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        ax.set_xticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
+        ax.set_yticks(range(len(lengths)), lengths)
+        for i, row in enumerate(values):
+            for j, v in enumerate(row):
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xlabel("needle depth")
+        ax.set_ylabel("context length")
+        ax.set_title(label, fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def write_report(report: Report, directory: Path) -> list[Path]:
     """results.json, report.md and plots into `directory` (an existing, usually temporary, dir)."""
     (directory / "results.json").write_text(report.model_dump_json(indent=2) + "\n")
@@ -126,6 +156,10 @@ def write_report(report: Report, directory: Path) -> list[Path]:
     if plot:
         lines += ["", "![perplexity by position](perplexity.png)"]
         written.append(plot)
+    heatmap = plot_needle({report.model: report}, directory / "needle.png")
+    if heatmap:
+        lines += ["", "![passkey accuracy](needle.png)"]
+        written.append(heatmap)
     (directory / "report.md").write_text("\n".join(lines) + "\n")
     return written
 
