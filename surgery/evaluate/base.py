@@ -81,6 +81,10 @@ def make_eval(name: str, **params: Any) -> Eval:
 def higher_is_better(metric: str) -> bool:
     """Direction of a namespaced metric; unknown metrics count as higher-is-better."""
     name, _, rest = metric.partition(".")
+    if name == "harness":
+        from surgery.evaluate.harness import LOWER_IS_BETTER
+
+        return rest.rpartition(".")[2].split("_stderr")[0] not in LOWER_IS_BETTER
     table = EVALS[name].higher_is_better if name in EVALS else {}
     for prefix, better in table.items():
         if rest.startswith(prefix):

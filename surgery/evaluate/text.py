@@ -20,11 +20,15 @@ def is_heldout(topic: str) -> bool:
     return int(hashlib.sha1(topic.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0
 
 
-def pydoc_text(split: Split) -> str:
+def pydoc_topics_split(split: Split) -> list[str]:
+    """The topics of one part, as separate documents, in a fixed order."""
     from pydoc_data.topics import topics
 
-    keep = [k for k in sorted(topics) if is_heldout(k) == (split == "heldout")]
-    return "\n\n".join(topics[k].strip() for k in keep)
+    return [topics[k].strip() for k in sorted(topics) if is_heldout(k) == (split == "heldout")]
+
+
+def pydoc_text(split: Split) -> str:
+    return "\n\n".join(pydoc_topics_split(split))
 
 
 def load_text(source: str = "pydoc", split: Split = "heldout", field: str = "text") -> str:
