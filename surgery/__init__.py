@@ -1,8 +1,12 @@
 """surgery: rewrite loaded HuggingFace causal LMs in place, verify the effect, and save the result
 as a plain checkpoint."""
 
-from surgery import patches  # noqa: F401  (registers the built-in patches)
+from surgery import (
+    evaluate,  # noqa: F401  (the subpackage: surgery.evaluate.run(...))
+    patches,  # noqa: F401  (registers the built-in patches)
+)
 from surgery.errors import ModelNotFound, OutputExists, SurgeryError, UnsupportedModel
+from surgery.evaluate import EVALS, EvalResult, make_eval
 from surgery.hub import save
 from surgery.models import load_config, load_model
 from surgery.patch import PATCHES, Patch, PatchRecord, get_patch, make_patch, register
@@ -27,7 +31,10 @@ __all__ = [
     "PatchRecord",
     "SurgeryError",
     "UnsupportedModel",
+    "EVALS",
+    "EvalResult",
     "apply",
+    "make_eval",
     "get_patch",
     "load_config",
     "load_model",

@@ -3,4 +3,10 @@
 from surgery.evaluate import harness, needle, perplexity, speed  # noqa: F401
 from surgery.evaluate.base import EVALS, Eval, EvalResult, get_eval, make_eval, register
 
-__all__ = ["EVALS", "Eval", "EvalResult", "get_eval", "make_eval", "register"]
+
+def run(model, tokenizer, name: str, **params) -> EvalResult:
+    """Run one registered eval (`perplexity`, `needle`, `harness`, `speed`) on a loaded model."""
+    return make_eval(name, **params).run(model, tokenizer)
+
+
+__all__ = ["EVALS", "Eval", "EvalResult", "get_eval", "make_eval", "register", "run"]

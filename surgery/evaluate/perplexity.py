@@ -17,20 +17,11 @@ from pydantic import Field, field_validator
 
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, register
+from surgery.evaluate.cache import make_cache
 from surgery.evaluate.text import load_text, token_stream
 
 log = logging.getLogger(__name__)
 LOGIT_SLICE = 1024  # positions per lm_head call: 1024 x 49k fp32 = 200 MB
-
-
-def make_cache(model: torch.nn.Module):
-    """The KV cache generation would use: the generation config's quantized cache, else dynamic."""
-    from transformers import DynamicCache, QuantizedCache
-
-    gen = getattr(model, "generation_config", None)
-    if gen is not None and getattr(gen, "cache_implementation", None) == "quantized":
-        return QuantizedCache(config=model.config, **dict(gen.cache_config or {}))
-    return DynamicCache(config=model.config)
 
 
 def losses_from_hidden(model: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -42,11 +33,11 @@ def losses_from_hidden(model: torch.nn.Module, hidden: torch.Tensor, targets: to
         logits = head(hidden[:, s : s + LOGIT_SLICE]).float()  # (B, slice, vocab)
         if cap:
             logits = torch.tanh(logits / cap) * cap
-        # the 2-D (N, vocab) form: the strided (B, vocab, T) form is ~1e-4 less accurate on CPU
-        nll = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets[:, s : s + LOGIT_SLICE].flatten(), reduction="none"
-        )
-        out.append(nll.view(logits.shape[:2]))
+        # nll = logsumexp(logits) - logits[target], computed in place: no second (slice, vocab)
+        # buffer as cross_entropy's log_softmax would allocate
+        target = logits.gather(-1, targets[:, s : s + LOGIT_SLICE, None]).squeeze(-1)
+        peak = logits.amax(-1, keepdim=True)
+        out.append(logits.sub_(peak).exp_().sum(-1).log_() + peak.squeeze(-1) - target)
     return torch.cat(out, dim=1)
 
 

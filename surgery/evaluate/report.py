@@ -118,7 +118,12 @@ def plot_needle(reports: dict[str, Report], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    grids = {label: r.details["grid"] for label, rep in reports.items() for r in rep.results if r.name == "needle"}
+    grids = {
+        label: r.details["grid"]
+        for label, rep in reports.items()
+        for r in rep.results
+        if r.name == "needle" and r.details.get("grid")
+    }
     if not grids:
         return None
     fig, axes = plt.subplots(1, len(grids), figsize=(4.5 * len(grids), 3.5), squeeze=False)

@@ -14,32 +14,9 @@ import torch
 from pydantic import Field
 
 from surgery.evaluate.base import Eval, register
-from surgery.evaluate.perplexity import make_cache
+from surgery.evaluate.cache import cache_bytes, make_cache
 from surgery.evaluate.text import load_text, token_stream
 from surgery.models import kv_cache_bytes
-
-
-def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
-    """Bytes of every distinct tensor reachable from `obj` through attributes, lists and dicts."""
-    seen = set() if seen is None else seen
-    if isinstance(obj, torch.Tensor):
-        key = obj.untyped_storage().data_ptr() if obj.device.type != "meta" else id(obj)
-        if key in seen:
-            return 0
-        seen.add(key)
-        return obj.untyped_storage().nbytes()
-    if isinstance(obj, (list, tuple)):
-        return sum(tensor_bytes(o, seen) for o in obj)
-    if isinstance(obj, dict):
-        return sum(tensor_bytes(o, seen) for o in obj.values())
-    if hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
-        return sum(tensor_bytes(v, seen) for k, v in vars(obj).items() if k != "config")
-    return 0
-
-
-def cache_bytes(cache: Any) -> int:
-    """Measured KV bytes of a transformers Cache (all layers)."""
-    return sum(tensor_bytes(layer) for layer in cache.layers)
 
 
 @register

@@ -1,0 +1,44 @@
+"""The KV cache evaluators use, and its real size.
+
+Evaluators build the cache generation would use (the generation config's quantized cache, else a
+dynamic one), so a KV-cache patch is exercised by perplexity, needle and speed alike. Sizes are
+measured from the cache object, not assumed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def make_cache(model: torch.nn.Module):
+    """The KV cache generation would use: the generation config's quantized cache, else dynamic."""
+    from transformers import DynamicCache, QuantizedCache
+
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and getattr(gen, "cache_implementation", None) == "quantized":
+        return QuantizedCache(config=model.config, **dict(gen.cache_config or {}))
+    return DynamicCache(config=model.config)
+
+
+def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
+    """Bytes of every distinct tensor storage reachable from `obj` through attributes, lists, dicts."""
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        key = obj.untyped_storage().data_ptr() if obj.device.type != "meta" else id(obj)
+        if key in seen:
+            return 0
+        seen.add(key)
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(o, seen) for o in obj)
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(o, seen) for o in obj.values())
+    if hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        return sum(tensor_bytes(v, seen) for k, v in vars(obj).items() if k != "config")
+    return 0
+
+
+def cache_bytes(cache: Any) -> int:
+    """Measured KV bytes of a transformers Cache: every tensor its layers hold, scales included."""
+    return sum(tensor_bytes(layer) for layer in cache.layers)
