@@ -14,13 +14,14 @@ from surgery.patch import PATCHES, Patch, PatchRecord, get_patch, make_patch, re
 __version__ = "0.1.0"
 
 
-def apply(model, patch: str | Patch, **params) -> PatchRecord:
-    """Apply a patch (an instance, or a registered name plus parameters) to `model` in place."""
+def apply(model, patch: str | Patch, tokenizer=None, **params) -> PatchRecord:
+    """Apply a patch (an instance, or a registered name plus parameters) to `model` in place.
+    `tokenizer` is used by data-aware patches for calibration text."""
     if isinstance(patch, str):
         patch = make_patch(patch, **params)
     elif params:
         raise TypeError("pass parameters either in the Patch instance or as keywords, not both")
-    return patch.apply(model)
+    return patch.apply(model, tokenizer=tokenizer)
 
 
 __all__ = [

@@ -45,7 +45,8 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if not verbose:
         logging.getLogger("surgery").setLevel(logging.INFO)
-        logging.getLogger("transformers").setLevel(logging.ERROR)
+        for noisy in ("transformers", "lm-eval", "lm_eval", "datasets"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
 # ---------------------------------------------------------------- list

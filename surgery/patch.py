@@ -10,7 +10,7 @@ import logging
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from surgery.errors import InvalidParams, SurgeryError
 
@@ -82,6 +82,8 @@ class Patch(BaseModel):
     architectures: ClassVar[tuple[str, ...]] = ()
     """model_type values the patch is tested on (shown by `surgery list`)."""
 
+    _tokenizer: Any = PrivateAttr(None)  # for data-aware patches (calibration text); set by apply
+
     def check(self, model: torch.nn.Module) -> None:
         """Raise `UnsupportedModel` (why, and what would work) if this patch cannot run."""
 
@@ -106,8 +108,10 @@ class Patch(BaseModel):
                 parts.append(f"{key.replace('_', '')}{text}".replace(" ", "").replace("/", "_"))
         return "-".join(parts)
 
-    def apply(self, model: torch.nn.Module) -> PatchRecord:
-        """check -> rewrite -> verify, then record the result in `model.config.surgery`."""
+    def apply(self, model: torch.nn.Module, tokenizer: Any = None) -> PatchRecord:
+        """check -> rewrite -> verify, then record the result in `model.config.surgery`.
+        `tokenizer` is only read by data-aware patches (calibration text)."""
+        self._tokenizer = tokenizer
         self.check(model)
         before = snapshot(model)
         notes = self.rewrite(model) or []

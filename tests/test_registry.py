@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import surgery
 from surgery.errors import UnsupportedModel
 from surgery.patch import PATCHES
-from tests.conftest import ARCHS, logits, tiny_model, tokens
+from tests.conftest import ARCHS, char_tokenizer, logits, tiny_model, tokens
 
 # (patch, arch) pairs that must be refused, with the reason the refusal must give
 REFUSED = {("dynamic-ntk", "phi3"): "cannot persist"}
@@ -43,10 +43,10 @@ def test_example_applies_and_persists(name, example, arch, tmp_path):
     model = tiny_model(arch)
     if (name, arch) in REFUSED or model.config.model_type not in cls.architectures:
         with pytest.raises(UnsupportedModel, match=REFUSED.get((name, arch), "")):
-            surgery.apply(model, name, **params)
+            surgery.apply(model, name, tokenizer=char_tokenizer(), **params)
         return
     ids = tokens(100)  # past the tiny models' 64 positions, where RoPE scaling matters
-    record = surgery.apply(model, name, **params)
+    record = surgery.apply(model, name, tokenizer=char_tokenizer(), **params)
     assert model.config.surgery[-1] == record.model_dump(mode="json")
     patched = logits(model, ids)
     surgery.save(model, None, tmp_path / "out")

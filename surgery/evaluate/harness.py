@@ -87,9 +87,9 @@ def offline_tasks() -> dict[str, dict[str, Any]]:
             "doc_to_target": "{{text}}",
             "process_results": _rolling_results,
             "metric_list": [
-                {"metric": "word_perplexity", "higher_is_better": False},
-                {"metric": "byte_perplexity", "higher_is_better": False},
-                {"metric": "bits_per_byte", "higher_is_better": False},
+                {"metric": "word_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "byte_perplexity", "aggregation": "weighted_perplexity", "higher_is_better": False},
+                {"metric": "bits_per_byte", "aggregation": "bits_per_byte", "higher_is_better": False},
             ],
             "metadata": {"version": 1.0},
         },

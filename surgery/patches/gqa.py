@@ -1,0 +1,168 @@
+"""MHA -> GQA / MQA by pooling key/value heads (Ainslie et al. 2023).
+
+Each run of `g = kv_heads / num_kv_heads` consecutive kv heads becomes one head: query head i
+used kv head i // (H/kv); after pooling it uses i // (H/G), which is exactly the pooled group, so
+queries and the output projection are kept. `mean` averages the heads' projections; `aligned`
+first rotates every head onto the group's first head using a calibration sample (values by an
+orthogonal Procrustes map absorbed into o_proj; keys by per-frequency-plane rotations that commute
+with RoPE, absorbed into the query heads), then averages: the merged head loses less.
+
+The same per-tensor function pools in memory and when streaming a checkpoint from disk, so the
+two paths are bit-identical."""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field, PrivateAttr
+
+from surgery.errors import PatchDidNotTakeEffect, SurgeryError, UnsupportedModel
+from surgery.models import head_dim, kv_heads, text_config
+from surgery.patch import Patch, Snapshot, register
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+KV_TENSOR = re.compile(r"(^|\.)self_attn\.(k_proj|v_proj|qkv_proj)\.(weight|bias)$")
+
+
+def pool_heads(tensor: torch.Tensor, group: int, dim: int) -> torch.Tensor:
+    """Average each run of `group` heads of size `dim` along dim 0: (n*dim, ...) -> (n/group*dim, ...).
+    Accumulates in float32 and returns the input dtype."""
+    n = tensor.shape[0] // dim
+    grouped = tensor.reshape(n // group, group, dim, *tensor.shape[1:])
+    return grouped.float().mean(1).to(tensor.dtype).reshape(n // group * dim, *tensor.shape[1:])
+
+
+def pool_tensor(name: str, tensor: torch.Tensor, n_q: int, n_kv: int, dim: int, target: int) -> torch.Tensor:
+    """Pool one attention tensor of a checkpoint (`...self_attn.k_proj.weight`, fused `qkv_proj`);
+    any other tensor is returned unchanged."""
+    m = KV_TENSOR.search(name)
+    if not m or target == n_kv:
+        return tensor
+    group = n_kv // target
+    if m.group(2) != "qkv_proj":
+        return pool_heads(tensor, group, dim)
+    q, k, v = tensor.split([n_q * dim, n_kv * dim, n_kv * dim], dim=0)  # Phi3: fused q|k|v rows
+    return torch.cat([q, pool_heads(k, group, dim), pool_heads(v, group, dim)], dim=0)
+
+
+def attention_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if n.endswith("self_attn") and (hasattr(m, "k_proj") or hasattr(m, "qkv_proj")) and hasattr(m, "o_proj")
+    ]
+
+
+def rebuild(model: torch.nn.Module, name: str, module: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Replace an attention module by one of the same class built from the (updated) config, with
+    `state` loaded strictly: every cached head count is then right by construction."""
+    with torch.device("meta"):
+        fresh = type(module)(module.config, layer_idx=module.layer_idx)
+    fresh.load_state_dict(state, strict=True, assign=True)
+    leftovers = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
+    assert not leftovers, f"{name}: {leftovers} not in the state dict"
+    fresh.train(module.training)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent), attr, fresh)
+
+
+@register
+class GQA(Patch):
+    """Pool key/value heads: MHA -> GQA (or fewer kv heads), shrinking the KV cache by the pooling factor."""
+
+    name: ClassVar[str] = "gqa"
+    persist: ClassVar[str] = "config"
+    architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
+    examples: ClassVar[list[dict[str, Any]]] = [
+        {"num_kv_heads": 1},
+        {"num_kv_heads": 1, "method": "aligned", "calibration_tokens": 64},
+    ]
+
+    num_kv_heads: int = Field(ge=1, description="key/value heads after pooling; must divide the current count")
+    method: Literal["mean", "aligned"] = Field(
+        "mean", description="mean: average the heads; aligned: rotate heads onto each other on calibration text first"
+    )
+    calibration_tokens: int = Field(2048, ge=16, description="tokens of calibration text (aligned only)")
+    calibration_text: str = Field("pydoc", description="calibration source (train split): pydoc, a file, or hf:NAME")
+
+    _old_kv: int = PrivateAttr(0)
+
+    def check(self, model: torch.nn.Module) -> None:
+        config = text_config(model.config)
+        if config.model_type not in self.architectures:
+            raise UnsupportedModel(
+                f"{self.name} supports model types {', '.join(self.architectures)}; got '{config.model_type}'"
+            )
+        n_kv = kv_heads(config)
+        if n_kv % self.num_kv_heads:
+            possible = [d for d in range(1, n_kv + 1) if n_kv % d == 0]
+            raise UnsupportedModel(
+                f"{self.name}: {self.num_kv_heads} kv heads cannot pool the model's {n_kv}; "
+                f"possible: {', '.join(map(str, possible))}"
+            )
+        if not attention_modules(model):
+            raise UnsupportedModel(f"{self.name}: found no self_attn modules with k/v projections")
+
+    def rewrite(self, model: torch.nn.Module) -> list[str]:
+        config = text_config(model.config)
+        n_q, n_kv, dim = config.num_attention_heads, kv_heads(config), head_dim(config)
+        self._old_kv = n_kv
+        if self.num_kv_heads == n_kv:
+            return [f"{n_kv} kv heads already: unchanged"]
+        modules = attention_modules(model)
+        if self.method == "aligned":
+            from surgery.patches.gqa_align import align_heads
+
+            states = align_heads(model, modules, self, self.tokenizer_for(model))
+        else:
+            states = {name: dict(m.state_dict()) for name, m in modules}
+        pooled = {
+            name: {k: pool_tensor(f"{name}.{k}", t, n_q, n_kv, dim, self.num_kv_heads) for k, t in state.items()}
+            for name, state in states.items()
+        }
+        config.num_key_value_heads = self.num_kv_heads
+        for name, module in modules:
+            rebuild(model, name, module, pooled[name])
+        factor = n_kv // self.num_kv_heads
+        return [f"{n_kv} -> {self.num_kv_heads} kv heads ({self.method} pooling of {factor}); KV cache / {factor}"]
+
+    def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
+        config = text_config(model.config)
+        dim, n_q = head_dim(config), config.num_attention_heads
+        for name, module in attention_modules(model):
+            if hasattr(module, "k_proj"):
+                width = module.k_proj.out_features
+            else:  # fused q|k|v
+                width = (module.qkv_proj.out_features - n_q * dim) // 2
+            if width != self.num_kv_heads * dim or module.num_key_value_groups != n_q // self.num_kv_heads:
+                raise PatchDidNotTakeEffect(f"{name}: {width // dim} kv heads, groups {module.num_key_value_groups}")
+        if config.num_key_value_heads != self.num_kv_heads:
+            raise PatchDidNotTakeEffect("config.num_key_value_heads was not updated")
+
+    def tokenizer_for(self, model: torch.nn.Module) -> Any:
+        if self._tokenizer is not None:
+            return self._tokenizer
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True)
+        except (OSError, ValueError) as err:
+            raise SurgeryError(
+                f"{self.name} method={self.method} needs the model's tokenizer for calibration text; "
+                "pass tokenizer= to apply()"
+            ) from err
+
+
+@register
+class MQA(GQA):
+    """Pool all key/value heads into one (multi-query attention): gqa with num_kv_heads=1."""
+
+    name: ClassVar[str] = "mqa"
+    examples: ClassVar[list[dict[str, Any]]] = [{}]
+
+    num_kv_heads: Literal[1] = Field(1, description="always 1 for multi-query attention")
