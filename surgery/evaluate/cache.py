@@ -25,6 +25,8 @@ def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
     """Bytes of every distinct tensor storage reachable from `obj` through attributes, lists, dicts."""
     seen = set() if seen is None else seen
     if isinstance(obj, torch.Tensor):
+        if obj.dim() == 0 and not obj.is_floating_point():  # bookkeeping (window, counters), not KV
+            return 0
         key = obj.untyped_storage().data_ptr() if obj.device.type != "meta" else id(obj)
         if key in seen:
             return 0

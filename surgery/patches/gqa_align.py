@@ -125,7 +125,10 @@ def align_heads(
                     if q_b is not None:
                         q_b[i] = rotate_planes(q_b[i], angles, rot)
         dtype = state["o_proj.weight"].dtype
-        flat = lambda t: t.reshape(-1, *t.shape[2:]).to(dtype)  # noqa: E731
+
+        def flat(t: torch.Tensor, dtype: torch.dtype = dtype) -> torch.Tensor:  # (heads, dim, in) -> rows
+            return t.reshape(-1, *t.shape[2:]).to(dtype)
+
         if fused:
             state["qkv_proj.weight"] = torch.cat([flat(q_w), flat(k_w), flat(v_w)])
         else:

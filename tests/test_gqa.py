@@ -1,0 +1,120 @@
+"""gqa / mqa: exactness of pooling, of the alignment rotations, KV bytes, and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import surgery
+from surgery.errors import UnsupportedModel
+from surgery.evaluate import make_eval
+from surgery.evaluate.cache import cache_bytes
+from surgery.info import inspect
+from surgery.patches.gqa import attention_modules, pool_heads, rebuild
+from surgery.patches.gqa_align import align_heads
+from tests.conftest import char_tokenizer, logits, tiny_model, tokens
+
+
+def test_pool_heads_averages_consecutive_heads():
+    w = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(8, 3)  # 4 heads of dim 2
+    pooled = pool_heads(w, group=2, dim=2)
+    torch.testing.assert_close(
+        pooled, torch.stack([(w[0] + w[2]) / 2, (w[1] + w[3]) / 2, (w[4] + w[6]) / 2, (w[5] + w[7]) / 2])
+    )
+
+
+def test_pooling_to_the_current_count_is_the_identity(arch):
+    model = tiny_model(arch)
+    ids = tokens(40)
+    before = logits(model, ids)
+    surgery.apply(model, "gqa", num_kv_heads=2)
+    assert torch.equal(logits(model, ids), before)
+
+
+def expand_to_mha(model):
+    """Repeat every kv head for each query head that reads it: an exact MHA copy of a GQA model."""
+    config = model.config
+    n_q, n_kv = config.num_attention_heads, config.num_key_value_heads
+    dim = getattr(config, "head_dim", None) or config.hidden_size // n_q
+    modules = attention_modules(model)
+    states = {}
+    for name, module in modules:
+        state = dict(module.state_dict())
+        for key in [k for k in state if k.startswith(("k_proj", "v_proj"))]:
+            t = state[key]
+            state[key] = (
+                t.reshape(n_kv, dim, *t.shape[1:]).repeat_interleave(n_q // n_kv, 0).reshape(n_q * dim, *t.shape[1:])
+            )
+        states[name] = state
+    config.num_key_value_heads = n_q
+    for name, module in modules:
+        rebuild(model, name, module, states[name])
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "gemma3"])
+def test_expanded_then_pooled_back_gives_the_original_logits(arch):
+    model = tiny_model(arch)
+    ids = tokens(40)
+    original = logits(model, ids)
+    expand_to_mha(model)
+    assert model.config.num_key_value_heads == 4
+    torch.testing.assert_close(logits(model, ids), original, rtol=1e-5, atol=1e-5)
+    for method in ("mean", "aligned"):  # aligning identical heads must change nothing
+        copy = tiny_model(arch)
+        expand_to_mha(copy)
+        surgery.apply(copy, "gqa", tokenizer=char_tokenizer(), num_kv_heads=2, method=method, calibration_tokens=64)
+        torch.testing.assert_close(logits(copy, ids), original, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "qwen3"])
+def test_alignment_rotations_preserve_the_function(arch):
+    model = tiny_model(arch, num_key_value_heads=4)  # MHA: 4 kv heads
+    ids = tokens(60)
+    before = logits(model, ids)
+    patch = surgery.make_patch("gqa", num_kv_heads=1, method="aligned", calibration_tokens=64)
+    modules = attention_modules(model)
+    states = align_heads(model, modules, patch, char_tokenizer())
+    assert not torch.equal(states[modules[0][0]]["o_proj.weight"], modules[0][1].state_dict()["o_proj.weight"])
+    for name, module in modules:
+        module.load_state_dict(states[name])
+    torch.testing.assert_close(logits(model, ids), before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma3"])
+def test_kv_cache_bytes_shrink_by_the_pooling_factor(arch):
+    model = tiny_model(arch, num_key_value_heads=4, max_position_embeddings=256)
+    prompt = tokens(20)
+
+    def generated_bytes(m):
+        out = m.generate(prompt, max_new_tokens=30, min_new_tokens=30, do_sample=False, return_dict_in_generate=True)
+        return cache_bytes(out.cache)
+
+    full = generated_bytes(model)
+    predicted = inspect(model.config, contexts=(50,), kv_dtype="fp32").kv_cache[0].bytes
+    surgery.apply(model, "mqa")
+    pooled = generated_bytes(model)
+    assert full == 4 * pooled
+    assert inspect(model.config, contexts=(50,), kv_dtype="fp32").kv_cache[0].bytes * 4 == predicted
+
+
+def test_non_divisor_is_refused_with_the_possible_counts():
+    with pytest.raises(UnsupportedModel, match="3 kv heads cannot pool the model's 4; possible: 1, 2, 4"):
+        surgery.apply(tiny_model("llama", num_key_value_heads=4), "gqa", num_kv_heads=3)
+
+
+def test_aligned_needs_a_tokenizer():
+    with pytest.raises(surgery.SurgeryError, match="needs the model's tokenizer"):
+        surgery.apply(tiny_model("llama"), "gqa", num_kv_heads=1, method="aligned")
+
+
+@pytest.mark.slow
+def test_aligned_beats_mean_on_the_embedded_model():
+    ppl = make_eval("perplexity", lengths=[1024])  # held-out; calibration reads the train split
+    scores = {}
+    for method in ("mean", "aligned"):
+        model, tokenizer = surgery.load_model("smollm2", dtype="float32")
+        surgery.apply(model, "gqa", tokenizer=tokenizer, num_kv_heads=1, method=method, calibration_tokens=512)
+        scores[method] = ppl.run(model, tokenizer).metrics["perplexity.ppl@1024"]
+    assert scores["mean"] > 1000  # 3 -> 1 by plain averaging is destructive
+    assert scores["aligned"] < scores["mean"] / 10, scores
