@@ -151,8 +151,18 @@ def apply_command(cls: type[Patch]) -> click.Command:
         else:
             options.append(click.Option([flag, name], type=ctype, default=None, help=f"{f.description} ({default})"))
 
+    if cls.streamable:
+        options.append(
+            click.Option(
+                ["--streaming/--no-streaming"],
+                default=None,
+                help="Convert the checkpoint on disk tensor by tensor (default: when it would not fit in memory).",
+            )
+        )
+
     def run(model: str, output: str | None, force: bool, dtype: str, load_weights: bool, **params: Any) -> None:
-        apply_patch(cls, model, output, force, dtype, load_weights, params)
+        streaming = params.pop("streaming", False)
+        apply_patch(cls, model, output, force, dtype, load_weights, params, streaming)
 
     return click.Command(
         cls.name,
@@ -179,9 +189,11 @@ def apply_patch(
     dtype: str,
     load_weights: bool,
     params: dict[str, Any],
+    streaming: bool | None = False,
 ) -> None:
     from surgery.hub import apply_config_only, check_output, skeleton
     from surgery.models import local_dir, parse_dtype, resolve
+    from surgery.streaming import apply_streaming, should_stream
 
     flags = {n: "--" + n.replace("_", "-") for n in cls.model_fields}
     patch = _validated(cls, {k: v for k, v in params.items() if v is not None}, flags)
@@ -190,7 +202,21 @@ def apply_patch(
     out = Path(output) if output else Path.cwd() / f"{source.name}-{patch.slug()}"
     check_output(out, force)
     start = time.perf_counter()
-    if patch.config_only and not load_weights and source.kind != "hub" and dtype == "auto":
+    on_disk = source.kind != "hub" and dtype == "auto"
+    if streaming and not on_disk:
+        raise SurgeryError("--streaming needs a local checkpoint and --dtype auto (tensors keep their dtype)")
+    if streaming is None and on_disk and cls.streamable and should_stream(local_dir(source)):
+        try:
+            patch.tensor_transform(surgery.load_config(model))
+            streaming = True
+            click.echo("the checkpoint would not fit in memory: converting it tensor by tensor (--streaming)")
+        except SurgeryError as err:
+            click.echo(f"warning: the checkpoint may not fit in memory, but {err}", err=True)
+    if streaming:
+        patch.tensor_transform(surgery.load_config(model))  # refuses unstreamable parameters up front
+        out, record = apply_streaming(patch, local_dir(source), out, base_model=source.base_model, force=force)
+        how = "streamed tensor by tensor"
+    elif patch.config_only and not load_weights and on_disk:
         out, record = apply_config_only(patch, local_dir(source), out, base_model=source.base_model, force=force)
         how = "config only, weights copied"
     else:

@@ -81,6 +81,8 @@ class Patch(BaseModel):
     """Valid parameter sets; each enrols the patch in the generic tests."""
     architectures: ClassVar[tuple[str, ...]] = ()
     """model_type values the patch is tested on (shown by `surgery list`)."""
+    streamable: ClassVar[bool] = False
+    """True when `tensor_transform` can convert a checkpoint on disk one tensor at a time."""
 
     _tokenizer: Any = PrivateAttr(None)  # for data-aware patches (calibration text); set by apply
 
@@ -97,6 +99,11 @@ class Patch(BaseModel):
     def details(self, model: torch.nn.Module, before: Snapshot) -> dict[str, Any]:
         """Extra facts stored in the record (e.g. the pre-patch RoPE origin)."""
         return {}
+
+    def tensor_transform(self, config: Any):
+        """For streamable patches: a function (checkpoint tensor name, tensor) -> new tensor,
+        built from the config before the patch. Raise `SurgeryError` for unstreamable parameters."""
+        raise NotImplementedError(f"{self.name} cannot stream")
 
     def slug(self) -> str:
         """Short name for default output directories: `yarn-factor4`."""

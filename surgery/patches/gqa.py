@@ -17,7 +17,7 @@ import re
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, PrivateAttr
+from pydantic import Field
 
 from surgery.errors import PatchDidNotTakeEffect, SurgeryError, UnsupportedModel
 from surgery.models import head_dim, kv_heads, text_config
@@ -64,8 +64,11 @@ def rebuild(model: torch.nn.Module, name: str, module: torch.nn.Module, state: d
     with torch.device("meta"):
         fresh = type(module)(module.config, layer_idx=module.layer_idx)
     fresh.load_state_dict(state, strict=True, assign=True)
-    leftovers = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
-    assert not leftovers, f"{name}: {leftovers} not in the state dict"
+    # non-persistent buffers are not in a state dict: none may stay on meta unless they were
+    leftovers = [
+        n for n, b in fresh.named_buffers() if b.is_meta and n not in state and not module.get_buffer(n).is_meta
+    ]
+    assert not leftovers, f"{name}: buffers {leftovers} were not rebuilt"
     fresh.train(module.training)
     parent, _, attr = name.rpartition(".")
     setattr(model.get_submodule(parent), attr, fresh)
@@ -90,7 +93,7 @@ class GQA(Patch):
     calibration_tokens: int = Field(2048, ge=16, description="tokens of calibration text (aligned only)")
     calibration_text: str = Field("pydoc", description="calibration source (train split): pydoc, a file, or hf:NAME")
 
-    _old_kv: int = PrivateAttr(0)
+    streamable: ClassVar[bool] = True
 
     def check(self, model: torch.nn.Module) -> None:
         config = text_config(model.config)
@@ -111,7 +114,6 @@ class GQA(Patch):
     def rewrite(self, model: torch.nn.Module) -> list[str]:
         config = text_config(model.config)
         n_q, n_kv, dim = config.num_attention_heads, kv_heads(config), head_dim(config)
-        self._old_kv = n_kv
         if self.num_kv_heads == n_kv:
             return [f"{n_kv} kv heads already: unchanged"]
         modules = attention_modules(model)
@@ -143,6 +145,16 @@ class GQA(Patch):
                 raise PatchDidNotTakeEffect(f"{name}: {width // dim} kv heads, groups {module.num_key_value_groups}")
         if config.num_key_value_heads != self.num_kv_heads:
             raise PatchDidNotTakeEffect("config.num_key_value_heads was not updated")
+
+    def tensor_transform(self, config: Any):
+        if self.method != "mean":
+            raise SurgeryError(
+                f"{self.name} method={self.method} needs forwards over calibration text, so it runs in memory "
+                "only; drop --streaming or use method=mean"
+            )
+        config = text_config(config)
+        n_q, n_kv, dim = config.num_attention_heads, kv_heads(config), head_dim(config)
+        return lambda name, tensor: pool_tensor(name, tensor, n_q, n_kv, dim, self.num_kv_heads)
 
     def tokenizer_for(self, model: torch.nn.Module) -> Any:
         if self._tokenizer is not None:

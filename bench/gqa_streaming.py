@@ -1,0 +1,145 @@
+"""Streaming vs in-memory `gqa` conversion of a synthetic Llama-2-style MHA checkpoint (random
+fp16 weights, several shards), both paths in one run, each as a fresh `surgery` process.
+
+    python bench/gqa_streaming.py [--layers 24] [--hidden 2048] [--kv 4] [--shard-mb 500]
+
+Prints the parameter count, wall time and peak RSS of each path and their ratios, and checks the
+two outputs are identical tensor for tensor. The orchestrating process imports only the standard
+library: Linux carries a parent's peak RSS into its children, so generation and verification run
+as subprocesses too."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def synthetic_checkpoint(path: Path, layers: int, hidden: int, shard_mb: int) -> int:
+    """Write a random MHA Llama checkpoint shard by shard (never the whole model in memory)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
+
+    from surgery.hub import skeleton
+
+    heads = hidden // 128
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.6875) // 64 * 64,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        vocab_size=32000,
+        max_position_embeddings=4096,
+        dtype="float16",
+    )
+    config.architectures = ["LlamaForCausalLM"]
+    path.mkdir(parents=True)
+    config.save_pretrained(path)
+    shapes = {n: p.shape for n, p in skeleton(config).state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    shards, current, size = [], {}, 0
+    for name, shape in shapes.items():
+        current[name] = (torch.randn(shape, generator=gen) * 0.02).to(torch.float16)
+        size += current[name].numel() * 2
+        if size >= shard_mb * 2**20:
+            shards.append(current)
+            current, size = {}, 0
+    if current:
+        shards.append(current)
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / fname, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+        total += sum(t.numel() * 2 for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return sum(s.numel() for s in shapes.values())
+
+
+def timed(cmd: list[str]) -> tuple[float, float]:
+    os.sync()  # no dirty pages of the previous run to throttle this one's writes
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, rusage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return time.perf_counter() - start, rusage.ru_maxrss / 1024
+
+
+def verify(streamed_dir: Path, loaded_dir: Path) -> None:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    loaded = {}  # tensor name -> file of the in-memory output
+    for f in loaded_dir.glob("*.safetensors"):
+        with safe_open(f, "pt") as h:
+            loaded.update(dict.fromkeys(h.keys(), f))
+    count = 0
+    for shard in sorted(streamed_dir.glob("*.safetensors")):
+        for name, tensor in load_file(shard).items():
+            with safe_open(loaded[name], "pt") as h:
+                assert torch.equal(tensor, h.get_tensor(name)), name
+            count += 1
+    assert count == len(loaded)
+    print(f"outputs identical tensor for tensor ({count} tensors)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--generate", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--verify", type=Path, nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--kv", type=int, default=4)
+    parser.add_argument("--shard-mb", type=int, default=500)
+    args = parser.parse_args()
+    if args.generate:
+        params = synthetic_checkpoint(args.generate, args.layers, args.hidden, args.shard_mb)
+        nshards = len(list(args.generate.glob("*.safetensors")))
+        print(f"synthetic MHA checkpoint: {params / 1e9:.2f}B parameters, fp16, {nshards} shards")
+        return
+    if args.verify:
+        verify(*args.verify)
+        return
+    work = Path(tempfile.mkdtemp(prefix="surgery-stream-"))
+    me = [sys.executable, __file__]
+    try:
+        src = work / "mha"
+        shape = ["--layers", str(args.layers), "--hidden", str(args.hidden), "--shard-mb", str(args.shard_mb)]
+        subprocess.run([*me, "--generate", str(src), *shape], check=True)
+        rows = {}
+        for mode in ("--no-streaming", "--streaming"):
+            cmd = [
+                sys.executable,
+                "-m",
+                "surgery.cli",
+                "apply",
+                "gqa",
+                "--num-kv-heads",
+                str(args.kv),
+                str(src),
+                "-o",
+                str(work / mode),
+                mode,
+            ]
+            rows[mode] = timed(cmd)
+            print(f"{mode:16s} wall {rows[mode][0]:7.1f} s   peak RSS {rows[mode][1]:8.0f} MiB")
+        (t_mem, r_mem), (t_str, r_str) = rows["--no-streaming"], rows["--streaming"]
+        print(f"streaming / in-memory: time {t_str / t_mem:.2f}x, peak RSS {r_str / r_mem:.2f}x")
+        subprocess.run([*me, "--verify", str(work / "--streaming"), str(work / "--no-streaming")], check=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Streaming conversion equals the in-memory path tensor for tensor, and refuses what it cannot do."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from surgery.cli import main
+from surgery.streaming import read_header, stream_file
+from tests.conftest import logits, tiny_model, tokens
+
+
+def tensors(directory) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "phi3", "gemma3"])
+def test_streaming_equals_in_memory_tensor_for_tensor(arch, tmp_path):
+    src = tmp_path / "src"
+    tiny_model(arch, num_key_value_heads=4).save_pretrained(src, max_shard_size="40KB")  # several shards
+    assert len(list(src.glob("*.safetensors"))) > 2
+    runner = CliRunner()
+    for mode in ("--streaming", "--no-streaming"):
+        result = runner.invoke(main, ["apply", "gqa", "--num-kv-heads", "2", str(src), "-o", str(tmp_path / mode), mode])
+        assert result.exit_code == 0, result.output
+    streamed, loaded = tensors(tmp_path / "--streaming"), tensors(tmp_path / "--no-streaming")
+    assert streamed.keys() == loaded.keys()
+    for name in streamed:
+        assert streamed[name].dtype == loaded[name].dtype and torch.equal(streamed[name], loaded[name]), name
+    a = json.loads((tmp_path / "--streaming" / "config.json").read_text())
+    b = json.loads((tmp_path / "--no-streaming" / "config.json").read_text())
+    assert a == b and a["num_key_value_heads"] == 2
+    index = json.loads((tmp_path / "--streaming" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in streamed.values())
+    ids = tokens(30)
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "--streaming").eval()
+    assert torch.equal(logits(stock, ids), logits(AutoModelForCausalLM.from_pretrained(tmp_path / "--no-streaming"), ids))
+
+
+def test_stream_file_preserves_bf16_and_metadata(tmp_path):
+    data = {"a": torch.randn(4, 3).to(torch.bfloat16), "b.self_attn.k_proj.weight": torch.randn(8, 2), "c": torch.arange(5)}
+    save_file(data, tmp_path / "in.safetensors", metadata={"format": "pt"})
+    stream_file(tmp_path / "in.safetensors", tmp_path / "out.safetensors", lambda name, t: t * 2 if name == "a" else t)
+    out = load_file(tmp_path / "out.safetensors")
+    assert torch.equal(out["a"], data["a"] * 2) and torch.equal(out["c"], data["c"])
+    assert read_header(tmp_path / "out.safetensors")[0]["__metadata__"] == {"format": "pt"}
+
+
+def test_aligned_cannot_stream(tmp_path):
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    result = CliRunner().invoke(
+        main, ["apply", "gqa", "--num-kv-heads", "1", "--method", "aligned", str(src), "-o", str(tmp_path / "o"), "--streaming"]
+    )
+    assert result.exit_code == 2 and "runs in memory only; drop --streaming" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_streaming_is_chosen_when_the_model_would_not_fit(tmp_path, monkeypatch):
+    import surgery.streaming
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    monkeypatch.setattr(surgery.streaming, "available_memory", lambda: 1000)  # bytes
+    result = CliRunner().invoke(main, ["apply", "mqa", str(src), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 0 and "converting it tensor by tensor" in result.output
+    assert "streamed tensor by tensor" in result.output
