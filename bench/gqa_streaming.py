@@ -67,6 +67,7 @@ def synthetic_checkpoint(path: Path, layers: int, hidden: int, shard_mb: int) ->
 
 def timed(cmd: list[str]) -> tuple[float, float]:
     os.sync()  # no dirty pages of the previous run to throttle this one's writes
+    time.sleep(5)
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     _, status, rusage = os.wait4(proc.pid, 0)
@@ -117,24 +118,16 @@ def main() -> None:
         src = work / "mha"
         shape = ["--layers", str(args.layers), "--hidden", str(args.hidden), "--shard-mb", str(args.shard_mb)]
         subprocess.run([*me, "--generate", str(src), *shape], check=True)
-        rows = {}
-        for mode in ("--no-streaming", "--streaming"):
-            cmd = [
-                sys.executable,
-                "-m",
-                "surgery.cli",
-                "apply",
-                "gqa",
-                "--num-kv-heads",
-                str(args.kv),
-                str(src),
-                "-o",
-                str(work / mode),
-                mode,
-            ]
-            rows[mode] = timed(cmd)
-            print(f"{mode:16s} wall {rows[mode][0]:7.1f} s   peak RSS {rows[mode][1]:8.0f} MiB")
-        (t_mem, r_mem), (t_str, r_str) = rows["--no-streaming"], rows["--streaming"]
+        runs: dict[str, list[tuple[float, float]]] = {"--no-streaming": [], "--streaming": []}
+        for mode in ("--no-streaming", "--streaming", "--streaming", "--no-streaming"):  # ABBA: no order bias
+            out = work / mode
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "surgery.cli", "apply", "gqa", "--num-kv-heads", str(args.kv)]
+            runs[mode].append(timed([*cmd, str(src), "-o", str(out), mode]))
+            print(f"{mode:16s} wall {runs[mode][-1][0]:7.1f} s   peak RSS {runs[mode][-1][1]:8.0f} MiB")
+        mean = {m: (sum(r[0] for r in v) / len(v), max(r[1] for r in v)) for m, v in runs.items()}
+        (t_mem, r_mem), (t_str, r_str) = mean["--no-streaming"], mean["--streaming"]
+        print(f"mean wall: in-memory {t_mem:.1f} s, streaming {t_str:.1f} s")
         print(f"streaming / in-memory: time {t_str / t_mem:.2f}x, peak RSS {r_str / r_mem:.2f}x")
         subprocess.run([*me, "--verify", str(work / "--streaming"), str(work / "--no-streaming")], check=True)
     finally:

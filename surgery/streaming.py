@@ -4,15 +4,16 @@ For patches whose weight change is a function of each tensor alone (`Patch.strea
 kv-head pooling), the model never exists in memory: the patch is checked, applied and recorded on
 a meta-device skeleton (which yields the new config and the record), and each output shard is
 written by computing its header from the input header and then transforming one tensor at a time.
-Peak memory is about two tensors, whatever the model size. No mmap is used, so resident memory
-reflects exactly what is held."""
+Peak memory is about two tensors, whatever the model size."""
 
 from __future__ import annotations
 
 import json
 import logging
+import mmap
 import os
 import struct
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -66,24 +67,35 @@ def stream_file(src: Path, dst: Path, transform: Transform) -> int:
         offset += nbytes
     encoded = json.dumps(out_header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
-    with open(src, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+    with open(src, "rb") as fin, open(dst, "wb", buffering=0) as fout:
+        # Read through a private read-only mapping (page-cache speed, no copies for unchanged tensors)
+        # and drop each tensor's pages from this process right after use, so resident memory stays
+        # at about one tensor while the file's pages stay in the shared page cache.
+        mapped = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(src) > start else None
         fout.write(struct.pack("<Q", len(encoded)) + encoded)
         for name in names:
             info = header[name]
-            begin, end = info["data_offsets"]
-            raw = torch.empty(end - begin, dtype=torch.uint8)  # uninitialised: no zero-fill pass
-            fin.seek(start + begin)
-            view, done = memoryview(raw.numpy()), 0
-            while done < len(view):  # an unbuffered read may return less than asked
-                done += fin.readinto(view[done:])
+            begin, end = (start + o for o in info["data_offsets"])
             dtype = DTYPES[info["dtype"]]
-            tensor = raw.view(dtype).reshape(info["shape"])
-            result = transform(name, tensor).contiguous()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it
+                raw = (
+                    torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin)
+                    if end > begin
+                    else torch.empty(0, dtype=torch.uint8)
+                )
+            result = transform(name, raw.view(dtype).reshape(info["shape"])).contiguous()
             assert list(result.shape) == out_header[name]["shape"] and result.dtype == dtype
             data, done = memoryview(result.view(torch.uint8).reshape(-1).numpy()), 0
             while done < len(data):
                 done += fout.write(data[done:])
-            del raw, tensor, result, view, data
+            del raw, result, data
+            if end > begin:
+                page = mmap.PAGESIZE
+                lo = begin - begin % page
+                mapped.madvise(mmap.MADV_DONTNEED, lo, end - lo)
+        if mapped is not None:
+            mapped.close()
     return offset
 
 
