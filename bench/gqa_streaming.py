@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,6 +104,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)
     parser.add_argument("--kv", type=int, default=4)
     parser.add_argument("--shard-mb", type=int, default=500)
+    parser.add_argument("--rounds", type=int, default=2, help="ABBA rounds (I/O timings on shared disks vary)")
     args = parser.parse_args()
     if args.generate:
         params = synthetic_checkpoint(args.generate, args.layers, args.hidden, args.shard_mb)
@@ -119,15 +121,18 @@ def main() -> None:
         shape = ["--layers", str(args.layers), "--hidden", str(args.hidden), "--shard-mb", str(args.shard_mb)]
         subprocess.run([*me, "--generate", str(src), *shape], check=True)
         runs: dict[str, list[tuple[float, float]]] = {"--no-streaming": [], "--streaming": []}
-        for mode in ("--no-streaming", "--streaming", "--streaming", "--no-streaming"):  # ABBA: no order bias
+        order = ("--no-streaming", "--streaming", "--streaming", "--no-streaming") * args.rounds  # ABBA...
+        for mode in order:
             out = work / mode
             shutil.rmtree(out, ignore_errors=True)
             cmd = [sys.executable, "-m", "surgery.cli", "apply", "gqa", "--num-kv-heads", str(args.kv)]
             runs[mode].append(timed([*cmd, str(src), "-o", str(out), mode]))
             print(f"{mode:16s} wall {runs[mode][-1][0]:7.1f} s   peak RSS {runs[mode][-1][1]:8.0f} MiB")
-        mean = {m: (sum(r[0] for r in v) / len(v), max(r[1] for r in v)) for m, v in runs.items()}
-        (t_mem, r_mem), (t_str, r_str) = mean["--no-streaming"], mean["--streaming"]
-        print(f"mean wall: in-memory {t_mem:.1f} s, streaming {t_str:.1f} s")
+        summary = {m: (statistics.median(r[0] for r in v), max(r[1] for r in v)) for m, v in runs.items()}
+        (t_mem, r_mem), (t_str, r_str) = summary["--no-streaming"], summary["--streaming"]
+        for m, v in runs.items():
+            walls = sorted(r[0] for r in v)
+            print(f"{m}: median wall {statistics.median(walls):.1f} s (range {walls[0]:.1f}-{walls[-1]:.1f})")
         print(f"streaming / in-memory: time {t_str / t_mem:.2f}x, peak RSS {r_str / r_mem:.2f}x")
         subprocess.run([*me, "--verify", str(work / "--streaming"), str(work / "--no-streaming")], check=True)
     finally:
