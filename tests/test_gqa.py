@@ -74,7 +74,7 @@ def test_alignment_rotations_preserve_the_function(arch):
     before = logits(model, ids)
     patch = surgery.make_patch("gqa", num_kv_heads=1, method="aligned", calibration_tokens=64)
     modules = attention_modules(model)
-    states = align_heads(model, modules, patch, char_tokenizer())
+    states = align_heads(model, modules, patch, char_tokenizer(), pool=False)
     assert not torch.equal(states[modules[0][0]]["o_proj.weight"], modules[0][1].state_dict()["o_proj.weight"])
     for name, module in modules:
         module.load_state_dict(states[name])
@@ -96,6 +96,19 @@ def test_kv_cache_bytes_shrink_by_the_pooling_factor(arch):
     pooled = generated_bytes(model)
     assert full == 4 * pooled
     assert inspect(model.config, contexts=(50,), kv_dtype="fp32").kv_cache[0].bytes * 4 == predicted
+
+
+def test_output_weighted_pool_is_exact_for_identical_heads_and_differs_from_mean():
+    from surgery.patches.gqa_align import output_weighted_pool
+
+    torch.manual_seed(0)
+    v = torch.randn(1, 4, 8).repeat(2, 1, 1)  # two identical value heads of dim 4
+    o = torch.randn(8, 4, 4)  # hidden 8, 4 query heads of dim 4 (2 per kv head)
+    pooled, _ = output_weighted_pool(v, None, o, group=2, per_kv=2)
+    torch.testing.assert_close(pooled[0], v[0], rtol=1e-4, atol=1e-5)
+    distinct = torch.randn(2, 4, 8)
+    weighted, _ = output_weighted_pool(distinct, None, o, group=2, per_kv=2)
+    assert not torch.allclose(weighted[0], distinct.mean(0), atol=1e-3)
 
 
 def test_non_divisor_is_refused_with_the_possible_counts():

@@ -29,7 +29,9 @@ def test_streaming_equals_in_memory_tensor_for_tensor(arch, tmp_path):
     assert len(list(src.glob("*.safetensors"))) > 2
     runner = CliRunner()
     for mode in ("--streaming", "--no-streaming"):
-        result = runner.invoke(main, ["apply", "gqa", "--num-kv-heads", "2", str(src), "-o", str(tmp_path / mode), mode])
+        result = runner.invoke(
+            main, ["apply", "gqa", "--num-kv-heads", "2", str(src), "-o", str(tmp_path / mode), mode]
+        )
         assert result.exit_code == 0, result.output
     streamed, loaded = tensors(tmp_path / "--streaming"), tensors(tmp_path / "--no-streaming")
     assert streamed.keys() == loaded.keys()
@@ -42,11 +44,17 @@ def test_streaming_equals_in_memory_tensor_for_tensor(arch, tmp_path):
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in streamed.values())
     ids = tokens(30)
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "--streaming").eval()
-    assert torch.equal(logits(stock, ids), logits(AutoModelForCausalLM.from_pretrained(tmp_path / "--no-streaming"), ids))
+    assert torch.equal(
+        logits(stock, ids), logits(AutoModelForCausalLM.from_pretrained(tmp_path / "--no-streaming"), ids)
+    )
 
 
 def test_stream_file_preserves_bf16_and_metadata(tmp_path):
-    data = {"a": torch.randn(4, 3).to(torch.bfloat16), "b.self_attn.k_proj.weight": torch.randn(8, 2), "c": torch.arange(5)}
+    data = {
+        "a": torch.randn(4, 3).to(torch.bfloat16),
+        "b.self_attn.k_proj.weight": torch.randn(8, 2),
+        "c": torch.arange(5),
+    }
     save_file(data, tmp_path / "in.safetensors", metadata={"format": "pt"})
     stream_file(tmp_path / "in.safetensors", tmp_path / "out.safetensors", lambda name, t: t * 2 if name == "a" else t)
     out = load_file(tmp_path / "out.safetensors")
@@ -58,7 +66,19 @@ def test_aligned_cannot_stream(tmp_path):
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src)
     result = CliRunner().invoke(
-        main, ["apply", "gqa", "--num-kv-heads", "1", "--method", "aligned", str(src), "-o", str(tmp_path / "o"), "--streaming"]
+        main,
+        [
+            "apply",
+            "gqa",
+            "--num-kv-heads",
+            "1",
+            "--method",
+            "aligned",
+            str(src),
+            "-o",
+            str(tmp_path / "o"),
+            "--streaming",
+        ],
     )
     assert result.exit_code == 2 and "runs in memory only; drop --streaming" in result.stderr
     assert not (tmp_path / "o").exists()

@@ -5,7 +5,8 @@ used kv head i // (H/kv); after pooling it uses i // (H/G), which is exactly the
 queries and the output projection are kept. `mean` averages the heads' projections; `aligned`
 first rotates every head onto the group's first head using a calibration sample (values by an
 orthogonal Procrustes map absorbed into o_proj; keys by per-frequency-plane rotations that commute
-with RoPE, absorbed into the query heads), then averages: the merged head loses less.
+with RoPE, absorbed into the query heads), then averages the keys and pools the values by least
+squares on what o_proj makes of them (see gqa_align.py): the merged head loses less.
 
 The same per-tensor function pools in memory and when streaming a checkpoint from disk, so the
 two paths are bit-identical."""
@@ -120,13 +121,15 @@ class GQA(Patch):
         if self.method == "aligned":
             from surgery.patches.gqa_align import align_heads
 
-            states = align_heads(model, modules, self, self.tokenizer_for(model))
+            pooled = align_heads(model, modules, self, self.tokenizer_for(model))
         else:
-            states = {name: dict(m.state_dict()) for name, m in modules}
-        pooled = {
-            name: {k: pool_tensor(f"{name}.{k}", t, n_q, n_kv, dim, self.num_kv_heads) for k, t in state.items()}
-            for name, state in states.items()
-        }
+            pooled = {
+                name: {
+                    k: pool_tensor(f"{name}.{k}", t, n_q, n_kv, dim, self.num_kv_heads)
+                    for k, t in m.state_dict().items()
+                }
+                for name, m in modules
+            }
         config.num_key_value_heads = self.num_kv_heads
         for name, module in modules:
             rebuild(model, name, module, pooled[name])

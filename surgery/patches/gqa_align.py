@@ -10,7 +10,10 @@ the attention inputs of a calibration sample (train split of the text source):
   the same rotation on the query heads reading the key head keeps every q.k exactly. Skipped on
   models with per-head q/k norms (Qwen3, Gemma3), whose per-dimension weights do not commute.
 
-The model computes exactly what it did before the rotations; only the averaging changes."""
+The model computes exactly what it did before the rotations; only the merge changes. Keys are then
+averaged; values are pooled by least squares on the output projection (`output_weighted_pool`).
+On SmolLM2 3 -> 1 the rotations cut held-out perplexity ~40x against plain averaging, and the
+value least squares another ~35%."""
 
 from __future__ import annotations
 
@@ -72,10 +75,29 @@ def rotate_planes(rows: torch.Tensor, angles: torch.Tensor, rot: int) -> torch.T
     return torch.cat([x * c - y * s, x * s + y * c, rows[rot:]])
 
 
+def output_weighted_pool(v_w: torch.Tensor, v_b: torch.Tensor | None, o_w: torch.Tensor, group: int, per_kv: int):
+    """Pool value heads by least squares on what o_proj makes of them: the merged head W minimises
+    sum_h ||(W - W_h)^T N_h^(1/2)||^2 with N_h = sum of W_o,i^T W_o,i over the query heads i reading
+    head h, i.e. W = (sum N_h)^-1 sum N_h W_h. Data-free; equals the mean when all N_h are equal.
+    v_w (kv, dim, hidden), v_b (kv, dim) or None, o_w (hidden, n_q, dim)."""
+    n_kv, dim = v_w.shape[0], v_w.shape[1]
+    weights, biases = [], []
+    for j in range(n_kv // group):
+        heads = range(j * group, (j + 1) * group)
+        grams = [sum(o_w[:, i].T @ o_w[:, i] for i in range(h * per_kv, (h + 1) * per_kv)) for h in heads]
+        total = sum(grams)
+        total = total + 1e-6 * total.diagonal().mean() * torch.eye(dim)  # guard against a singular sum
+        weights.append(torch.linalg.solve(total, sum(g @ v_w[h] for g, h in zip(grams, heads, strict=True))))
+        if v_b is not None:
+            biases.append(torch.linalg.solve(total, sum(g @ v_b[h] for g, h in zip(grams, heads, strict=True))))
+    return torch.stack(weights), (torch.stack(biases) if v_b is not None else None)
+
+
 def align_heads(
-    model: torch.nn.Module, modules: list[tuple[str, torch.nn.Module]], patch: Any, tokenizer: Any
+    model: torch.nn.Module, modules: list[tuple[str, torch.nn.Module]], patch: Any, tokenizer: Any, pool: bool = True
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """State dicts of every attention module with heads rotated onto their group's first head."""
+    """State dicts of every attention module with heads rotated onto their group's first head and,
+    with `pool`, already pooled: keys averaged, values by `output_weighted_pool`."""
     config = text_config(model.config)
     n_q, n_kv, dim = config.num_attention_heads, kv_heads(config), head_dim(config)
     rope = config.rope_parameters if "rope_type" in (config.rope_parameters or {}) else {}
@@ -124,6 +146,10 @@ def align_heads(
                     q_w[i] = rotate_planes(q_w[i], angles, rot)
                     if q_b is not None:
                         q_b[i] = rotate_planes(q_b[i], angles, rot)
+        if pool:
+            k_w = k_w.view(n_kv // group, group, dim, -1).mean(1)
+            k_b = k_b.view(n_kv // group, group, dim).mean(1) if k_b is not None else None
+            v_w, v_b = output_weighted_pool(v_w, v_b, o_w, group, per_kv)
         dtype = state["o_proj.weight"].dtype
 
         def flat(t: torch.Tensor, dtype: torch.dtype = dtype) -> torch.Tensor:  # (heads, dim, in) -> rows
