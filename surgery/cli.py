@@ -222,7 +222,7 @@ def apply_patch(
     else:
         patch.check(skeleton(surgery.load_config(model)))  # refuse before reading any weights
         loaded, tokenizer = surgery.load_model(model, dtype=dtype)
-        record = patch.apply(loaded)
+        record = patch.apply(loaded, tokenizer=tokenizer)
         surgery.save(loaded, tokenizer, out, base_model=source.base_model, force=force)
         how = "weights loaded"
     for note in record.notes:

@@ -113,6 +113,14 @@ record of each step is in `surgery.json` and in `config.json` under `surgery`.
 
 
 def write_metadata(directory: Path, config: Any, base_model: str | None) -> None:
+    """surgery.json, README.md, and config.json keys that save_pretrained leaves out."""
+    from surgery.patches.attention import persisted_impl
+
+    impl = persisted_impl(config)
+    if impl:  # honoured by from_pretrained, never written by save_pretrained
+        saved = json.loads((directory / "config.json").read_text())
+        saved["attn_implementation"] = impl
+        (directory / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     (directory / MANIFEST).write_text(json.dumps(manifest(config, base_model), indent=2) + "\n")
     (directory / "README.md").write_text(model_card(config, base_model))
 

@@ -1,0 +1,82 @@
+"""Attention backend swap on a loaded model (`sdpa`, `eager`, `flex_attention`, flash attention).
+
+transformers keeps the choice in `config._attn_implementation`, which `save_pretrained` never
+writes; a top-level `attn_implementation` key in config.json *is* honoured at load, so the saved
+config carries it (see `surgery.hub.write_metadata`) and stock transformers loads the model the
+same way."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import Field
+
+from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
+from surgery.patch import Patch, Snapshot, register
+
+IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
+PACKAGES = {
+    "flash_attention_2": "flash-attn (pip install flash-attn)",
+    "flash_attention_3": "flash-attn 3 (Hopper build)",
+}
+
+
+def availability(impl: str) -> str | None:
+    """None when `impl` can run here, else what is missing."""
+    from transformers.utils import is_flash_attn_2_available, is_flash_attn_3_available
+
+    if impl == "flash_attention_2" and not is_flash_attn_2_available():
+        return f"needs a CUDA GPU and the package {PACKAGES[impl]}"
+    if impl == "flash_attention_3" and not is_flash_attn_3_available():
+        return f"needs a Hopper GPU and the package {PACKAGES[impl]}"
+    if impl == "flex_attention" and importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
+        return "needs torch >= 2.5 (torch.nn.attention.flex_attention)"
+    return None
+
+
+@register
+class Attention(Patch):
+    """Switch the attention backend; persisted in config.json so stock transformers loads it the same way."""
+
+    name: ClassVar[str] = "attention"
+    persist: ClassVar[str] = "config"
+    config_only: ClassVar[bool] = True
+    architectures: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
+    examples: ClassVar[list[dict[str, Any]]] = [{"impl": "eager"}]  # flex compiles per shape: tested apart
+
+    impl: Literal[IMPLEMENTATIONS] = Field(description="attention implementation: " + ", ".join(IMPLEMENTATIONS))
+
+    def check(self, model: torch.nn.Module) -> None:
+        missing = availability(self.impl)
+        if missing:
+            raise UnsupportedModel(
+                f"attention --impl {self.impl} {missing}; sdpa, eager and flex_attention run anywhere"
+            )
+        if (
+            model.config.model_type not in self.architectures
+            and model.config.get_text_config().model_type not in self.architectures
+        ):
+            raise UnsupportedModel(
+                f"{self.name} supports model types {', '.join(self.architectures)}; got '{model.config.model_type}'"
+            )
+
+    def rewrite(self, model: torch.nn.Module) -> list[str]:
+        before = model.config._attn_implementation
+        model.set_attn_implementation(self.impl)
+        return [f"attention: {before} -> {self.impl}"]
+
+    def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
+        configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+        wrong = [c._attn_implementation for c in configs.values() if c._attn_implementation != self.impl]
+        if wrong:
+            raise PatchDidNotTakeEffect(f"attention implementation still {wrong[0]} somewhere in the model")
+
+
+def persisted_impl(config: Any) -> str | None:
+    """The backend the last `attention` record asked for, to write into config.json."""
+    from surgery.patch import history
+
+    chosen = [r["params"]["impl"] for r in history(config) if r["name"] == Attention.name]
+    return chosen[-1] if chosen else None
