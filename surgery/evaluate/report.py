@@ -81,19 +81,29 @@ def markdown_table(rows: list[Row], outcomes: list[GateOutcome] | None = None) -
     return "\n".join(lines) + "\n"
 
 
-def plot_perplexity(reports: dict[str, Report], path: Path) -> Path | None:
-    """Perplexity by position, one line per report, on one figure; None without perplexity data."""
+def _pyplot():
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
 
-    curves = {
-        label: r.details["ppl_by_position"]
+    return plt
+
+
+def _details(reports: dict[str, Report], eval_name: str, key: str) -> dict[str, Any]:
+    """{label: details[key]} of each report's `eval_name` result that has it."""
+    return {
+        label: r.details[key]
         for label, report in reports.items()
         for r in report.results
-        if r.name == "perplexity" and r.details.get("ppl_by_position")
+        if r.name == eval_name and r.details.get(key)
     }
+
+
+def plot_perplexity(reports: dict[str, Report], path: Path) -> Path | None:
+    """Perplexity by position, one line per report, on one figure; None without perplexity data."""
+    plt = _pyplot()
+    curves = _details(reports, "perplexity", "ppl_by_position")
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -113,17 +123,8 @@ def plot_perplexity(reports: dict[str, Report], path: Path) -> Path | None:
 
 def plot_needle(reports: dict[str, Report], path: Path) -> Path | None:
     """Accuracy heatmaps (length x depth), one panel per report; None without needle data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    grids = {
-        label: r.details["grid"]
-        for label, rep in reports.items()
-        for r in rep.results
-        if r.name == "needle" and r.details.get("grid")
-    }
+    plt = _pyplot()
+    grids = _details(reports, "needle", "grid")
     if not grids:
         return None
     fig, axes = plt.subplots(1, len(grids), figsize=(4.5 * len(grids), 3.5), squeeze=False)
