@@ -231,18 +231,9 @@ def apply_patch(
 
 
 def _validated(cls: type[Patch], params: dict[str, Any], flags: dict[str, str]) -> Patch:
-    from pydantic import ValidationError
+    from surgery.patch import construct
 
-    from surgery.errors import InvalidParams
-    from surgery.patch import format_validation_error
-
-    try:
-        return cls(**params)
-    except ValidationError as err:
-        message = format_validation_error(cls.name, err, list(flags))
-        for name, flag in flags.items():
-            message = message.replace(f" {name}:", f" {flag}:")
-        raise InvalidParams(message) from None
+    return construct(cls, cls.name, params, rename=flags)
 
 
 # ---------------------------------------------------------------- eval / compare

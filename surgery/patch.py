@@ -185,10 +185,18 @@ def format_validation_error(prefix: str, err: ValidationError, fields: list[str]
     return f"{prefix}: " + "; ".join(parts)
 
 
-def make_patch(name: str, **params: Any) -> Patch:
-    """Build a validated patch from its name and raw parameters; errors become `InvalidParams`."""
-    cls = get_patch(name)
+def construct(cls: type[BaseModel], prefix: str, params: dict[str, Any], rename: dict[str, str] | None = None) -> Any:
+    """`cls(**params)` with every validation error as one `InvalidParams` line; `rename` maps field
+    names to what the user typed (`factor` -> `--factor`)."""
     try:
         return cls(**params)
     except ValidationError as err:
-        raise InvalidParams(format_validation_error(name, err, list(cls.model_fields))) from None
+        message = format_validation_error(prefix, err, list(cls.model_fields))
+        for name, shown in (rename or {}).items():
+            message = message.replace(f" {name}:", f" {shown}:")
+        raise InvalidParams(message) from None
+
+
+def make_patch(name: str, **params: Any) -> Patch:
+    """Build a validated patch from its name and raw parameters; errors become `InvalidParams`."""
+    return construct(get_patch(name), name, params)

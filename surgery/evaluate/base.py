@@ -8,10 +8,10 @@ import time
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict
 
-from surgery.errors import InvalidParams, SurgeryError
-from surgery.patch import did_you_mean, format_validation_error
+from surgery.errors import SurgeryError
+from surgery.patch import construct, did_you_mean
 
 
 class EvalResult(BaseModel):
@@ -71,11 +71,8 @@ def get_eval(name: str) -> type[Eval]:
 
 
 def make_eval(name: str, **params: Any) -> Eval:
-    cls = get_eval(name)
-    try:
-        return cls(**params)
-    except ValidationError as err:
-        raise InvalidParams(format_validation_error(name, err, list(cls.model_fields))) from None
+    """Build a validated eval from its name and raw parameters; errors become `InvalidParams`."""
+    return construct(get_eval(name), name, params)
 
 
 def higher_is_better(metric: str) -> bool:
