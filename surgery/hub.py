@@ -125,9 +125,20 @@ def write_metadata(directory: Path, config: Any, base_model: str | None) -> None
     (directory / "README.md").write_text(model_card(config, base_model))
 
 
+def default_base_model(model: Any) -> str | None:
+    """Where a loaded model came from: the recorded base of a surgery checkpoint or converted GGUF,
+    else its name_or_path."""
+    from surgery.models import _base_model_of_dir
+
+    ref = getattr(model, "name_or_path", "") or ""
+    return _base_model_of_dir(Path(ref)) if ref and Path(ref).is_dir() else ref or None
+
+
 def save(model: Any, tokenizer: Any, out: str | Path, *, base_model: str | None = None, force: bool = False) -> Path:
-    """Save weights, tokenizer, config, manifest and model card atomically to `out`."""
+    """Save weights, tokenizer, config, manifest and model card atomically to `out`. `base_model`
+    defaults to where the model was loaded from (see `default_base_model`)."""
     out = Path(out)
+    base_model = base_model or default_base_model(model)
     with atomic_dir(out, force) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:

@@ -89,6 +89,7 @@ def resolve(ref: str) -> Source:
 
 
 def _base_model_of_dir(path: Path) -> str:
+    """The base model recorded beside a converted GGUF or in a surgery manifest, else the dir name."""
     for name in (SOURCE_FILE, "surgery.json"):
         if (path / name).is_file():
             base = json.loads((path / name).read_text()).get("base_model")

@@ -22,6 +22,17 @@ def test_local_directory_loads_without_network(saved_tiny, no_network):
     assert tokenizer is None  # tiny checkpoints carry no tokenizer
 
 
+def test_save_records_where_the_model_came_from(saved_tiny, tmp_path):
+    import json
+
+    model, _ = surgery.load_model(str(saved_tiny("llama")))
+    surgery.save(model, None, tmp_path / "a")
+    assert json.loads((tmp_path / "a" / "surgery.json").read_text())["base_model"] == "tiny-llama"
+    again, _ = surgery.load_model(str(tmp_path / "a"))  # a surgery checkpoint keeps the original base
+    surgery.save(again, None, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "surgery.json").read_text())["base_model"] == "tiny-llama"
+
+
 def test_dtype_is_honoured(saved_tiny):
     model, _ = surgery.load_model(str(saved_tiny("llama")), dtype="bf16")
     assert next(model.parameters()).dtype == torch.bfloat16
