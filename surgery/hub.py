@@ -128,10 +128,10 @@ def write_metadata(directory: Path, config: Any, base_model: str | None) -> None
 def default_base_model(model: Any) -> str | None:
     """Where a loaded model came from: the recorded base of a surgery checkpoint or converted GGUF,
     else its name_or_path."""
-    from surgery.models import _base_model_of_dir
+    from surgery.models import base_model_of_dir
 
     ref = getattr(model, "name_or_path", "") or ""
-    return _base_model_of_dir(Path(ref)) if ref and Path(ref).is_dir() else ref or None
+    return base_model_of_dir(Path(ref)) if ref and Path(ref).is_dir() else ref or None
 
 
 def save(model: Any, tokenizer: Any, out: str | Path, *, base_model: str | None = None, force: bool = False) -> Path:

@@ -74,7 +74,7 @@ def resolve(ref: str) -> Source:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{ref} is a directory without config.json; pass a saved checkpoint")
-        return Source("dir", str(path), path.resolve().name, _base_model_of_dir(path))
+        return Source("dir", str(path), path.resolve().name, base_model_of_dir(path))
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelNotFound(f"{ref} is a file but not a .gguf; pass a checkpoint directory or a .gguf")
@@ -88,7 +88,7 @@ def resolve(ref: str) -> Source:
     return Source("hub", ref, ref.split("/")[-1], ref)
 
 
-def _base_model_of_dir(path: Path) -> str:
+def base_model_of_dir(path: Path) -> str:
     """The base model recorded beside a converted GGUF or in a surgery manifest, else the dir name."""
     for name in (SOURCE_FILE, "surgery.json"):
         if (path / name).is_file():
