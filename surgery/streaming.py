@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
-import mmap
 import os
 import struct
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,51 +49,88 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
         return json.loads(f.read(size)), 8 + size
 
 
+def write_all(fout: Any, data: bytes | memoryview) -> None:
+    view, done = memoryview(data), 0
+    while done < len(view):
+        done += fout.write(view[done:])
+
+
+def copy_range(fin: Any, fout: Any, offset: int, count: int) -> None:
+    """Append `count` bytes of `fin` from `offset` to `fout`: in the kernel where it can
+    (copy_file_range: no user-space copy, no page faults), else through a bounded buffer."""
+    if hasattr(os, "copy_file_range"):
+        try:
+            while count:
+                done = os.copy_file_range(fin.fileno(), fout.fileno(), count, offset)
+                if done == 0:
+                    raise SurgeryError(f"{fin.name} ended early; is the checkpoint complete?")
+                offset, count = offset + done, count - done
+            return
+        except OSError:  # e.g. a file system or kernel without it: fall through
+            pass
+    fin.seek(offset)
+    while count:
+        chunk = fin.read(min(count, 64 << 20))
+        if not chunk:
+            raise SurgeryError(f"{fin.name} ended early; is the checkpoint complete?")
+        write_all(fout, chunk)
+        count -= len(chunk)
+
+
 def stream_file(src: Path, dst: Path, transform: Transform) -> int:
     """Write `dst` with every tensor of `src` passed through `transform`; returns bytes written.
-    Output shapes come from running `transform` on meta tensors, so the header is written first."""
+    Output shapes come from running `transform` on meta tensors, so the header is written first;
+    a tensor the transform returns as is (same object) is copied byte for byte by the kernel, the
+    others are read one at a time, transformed and written."""
     header, start = read_header(src)
     meta = header.pop("__metadata__", None)
     names = sorted(header, key=lambda n: header[n]["data_offsets"][0])  # file order: sequential reads
     out_header: dict[str, Any] = {"__metadata__": meta} if meta else {}
+    changed: set[str] = set()
     offset = 0
     for name in names:
         info = header[name]
-        shape = transform(name, torch.empty(info["shape"], dtype=DTYPES[info["dtype"]], device="meta")).shape
-        nbytes = DTYPES[info["dtype"]].itemsize * int(torch.Size(shape).numel())
-        out_header[name] = {"dtype": info["dtype"], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        probe = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]], device="meta")
+        result = transform(name, probe)
+        if result is not probe:
+            changed.add(name)
+        nbytes = DTYPES[info["dtype"]].itemsize * int(result.shape.numel())
+        out_header[name] = {
+            "dtype": info["dtype"],
+            "shape": list(result.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     encoded = json.dumps(out_header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)
     with open(src, "rb") as fin, open(dst, "wb", buffering=0) as fout:
-        # Read through a private read-only mapping (page-cache speed, no copies for unchanged tensors)
-        # and drop each tensor's pages from this process right after use, so resident memory stays
-        # at about one tensor while the file's pages stay in the shared page cache.
-        mapped = mmap.mmap(fin.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(src) > start else None
-        fout.write(struct.pack("<Q", len(encoded)) + encoded)
-        for name in names:
+        write_all(fout, struct.pack("<Q", len(encoded)) + encoded)
+        run_start = run_end = None  # a run of unchanged tensors, contiguous in the source
+        for name in names + [None]:
+            if name is not None and name not in changed:
+                begin, end = (start + o for o in header[name]["data_offsets"])
+                if run_end == begin:
+                    run_end = end
+                else:
+                    if run_start is not None:
+                        copy_range(fin, fout, run_start, run_end - run_start)
+                    run_start, run_end = begin, end
+                continue
+            if run_start is not None:
+                copy_range(fin, fout, run_start, run_end - run_start)
+                run_start = run_end = None
+            if name is None:
+                break
             info = header[name]
             begin, end = (start + o for o in info["data_offsets"])
-            dtype = DTYPES[info["dtype"]]
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", UserWarning)  # read-only buffer: we never write to it
-                raw = (
-                    torch.frombuffer(mapped, dtype=torch.uint8, count=end - begin, offset=begin)
-                    if end > begin
-                    else torch.empty(0, dtype=torch.uint8)
-                )
-            result = transform(name, raw.view(dtype).reshape(info["shape"])).contiguous()
-            assert list(result.shape) == out_header[name]["shape"] and result.dtype == dtype
-            data, done = memoryview(result.view(torch.uint8).reshape(-1).numpy()), 0
-            while done < len(data):
-                done += fout.write(data[done:])
-            del raw, result, data
-            if end > begin:
-                page = mmap.PAGESIZE
-                lo = begin - begin % page
-                mapped.madvise(mmap.MADV_DONTNEED, lo, end - lo)
-        if mapped is not None:
-            mapped.close()
+            raw = torch.empty(end - begin, dtype=torch.uint8)
+            fin.seek(begin)
+            if fin.readinto(memoryview(raw.numpy())) != end - begin:
+                raise SurgeryError(f"{src} ended early; is the checkpoint complete?")
+            result = transform(name, raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])).contiguous()
+            assert list(result.shape) == out_header[name]["shape"], name
+            write_all(fout, memoryview(result.view(torch.uint8).reshape(-1).numpy()))
+            del raw, result
     return offset
 
 
