@@ -96,6 +96,11 @@ class Patch(BaseModel):
     def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
         """Raise `PatchDidNotTakeEffect` unless the model shows the patch's effect."""
 
+    def persistence(self, model: torch.nn.Module) -> Persist:
+        """How this application persists on this model (patches whose route depends on the model,
+        such as sliding-window, override it); called after `check`, before `rewrite`."""
+        return self.persist
+
     def details(self, model: torch.nn.Module, before: Snapshot) -> dict[str, Any]:
         """Extra facts stored in the record (e.g. the pre-patch RoPE origin)."""
         return {}
@@ -120,6 +125,7 @@ class Patch(BaseModel):
         `tokenizer` is only read by data-aware patches (calibration text)."""
         self._tokenizer = tokenizer
         self.check(model)
+        persist = self.persistence(model)
         before = snapshot(model)
         notes = self.rewrite(model) or []
         self.verify(model, before)
@@ -127,7 +133,7 @@ class Patch(BaseModel):
         record = PatchRecord(
             name=self.name,
             params=self.model_dump(mode="json"),
-            persist=self.persist,
+            persist=persist,
             config_diff=config_diff(before.config, after.config),
             parameters_before=before.parameters,
             parameters_after=after.parameters,

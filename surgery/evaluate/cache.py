@@ -1,7 +1,7 @@
 """The KV cache evaluators use, and its real size.
 
-Evaluators build the cache generation would use (the generation config's quantized cache, else a
-dynamic one), so a KV-cache patch is exercised by perplexity, needle and speed alike. Sizes are
+Evaluators build the cache generation would use (a kv-quant patch's cache, the generation config's
+quantized cache, else a dynamic one), so a KV-cache patch is exercised by perplexity, needle and speed alike. Sizes are
 measured from the cache object, not assumed."""
 
 from __future__ import annotations
@@ -12,9 +12,15 @@ import torch
 
 
 def make_cache(model: torch.nn.Module):
-    """The KV cache generation would use: the generation config's quantized cache, else dynamic."""
+    """The KV cache generation would use: a kv-quant patch's cache, the generation config's
+    quantized cache, else a dynamic one."""
     from transformers import DynamicCache, QuantizedCache
 
+    from surgery.patches.kv_cache import runtime_cache
+
+    cache = runtime_cache(model)
+    if cache is not None:
+        return cache
     gen = getattr(model, "generation_config", None)
     if gen is not None and getattr(gen, "cache_implementation", None) == "quantized":
         return QuantizedCache(config=model.config, **dict(gen.cache_config or {}))

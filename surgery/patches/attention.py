@@ -49,6 +49,13 @@ class Attention(Patch):
     impl: Literal[IMPLEMENTATIONS] = Field(description="attention implementation: " + ", ".join(IMPLEMENTATIONS))
 
     def check(self, model: torch.nn.Module) -> None:
+        from surgery.patches.sliding_window import RUNTIME_IMPL
+
+        if model.config._attn_implementation == RUNTIME_IMPL:
+            raise UnsupportedModel(
+                "attention: this model's sliding-window runs through surgery's own sdpa attention; "
+                "switch the backend first, then apply sliding-window"
+            )
         missing = availability(self.impl)
         if missing:
             raise UnsupportedModel(
