@@ -33,6 +33,9 @@ def tensor_bytes(obj: Any, seen: set[int] | None = None) -> int:
     if isinstance(obj, torch.Tensor):
         if obj.dim() == 0 and not obj.is_floating_point():  # bookkeeping (window, counters), not KV
             return 0
+        if hasattr(obj, "__tensor_flatten__"):  # wrapper subclasses (optimum-quanto): count the inner tensors
+            names, _ = obj.__tensor_flatten__()
+            return sum(tensor_bytes(getattr(obj, n), seen) for n in names)
         key = obj.untyped_storage().data_ptr() if obj.device.type != "meta" else id(obj)
         if key in seen:
             return 0

@@ -155,7 +155,9 @@ class KVQuant(Patch):
         None, ge=1, description="int: recent tokens kept in full precision, a multiple of group_size (default 128)"
     )
     group_size: int | None = Field(
-        None, ge=1, description="int: elements sharing one scale (tokens per key channel, channels per value; default 64)"
+        None,
+        ge=1,
+        description="int: elements sharing one scale (tokens per key channel, channels per value; default 64)",
     )
 
     @model_validator(mode="after")
