@@ -24,6 +24,7 @@ def variants() -> dict[str, dict | None]:
         "kivi int8": {"bits": 8},
         "kivi int4": {"bits": 4},
         "kivi int2": {"bits": 2},
+        "kivi int2 g32": {"bits": 2, "group_size": 32},
         "fp8 (transformers)": {"method": "fp8"},
     }
     if importlib.util.find_spec("optimum") and importlib.util.find_spec("optimum.quanto"):

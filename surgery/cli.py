@@ -52,14 +52,41 @@ def main(verbose: bool) -> None:
 # ---------------------------------------------------------------- list
 
 
+class LiteralChoice(click.Choice):
+    """A click choice that hands back the Literal's own value (8, not "8")."""
+
+    def __init__(self, values: tuple[Any, ...]) -> None:
+        self.values = {str(v): v for v in values}
+        super().__init__(list(self.values))
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
+        return self.values[str(super().convert(value, param, ctx))]
+
+
+class IntList(click.ParamType):
+    """Comma-separated integers: `--layers 0,2,4`."""
+
+    name = "int,int,..."
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[int]:
+        if isinstance(value, list):
+            return value
+        try:
+            return [int(v) for v in str(value).split(",") if v.strip()]
+        except ValueError:
+            self.fail(f"expected comma-separated integers such as 0,2,4; got {value!r}", param, ctx)
+
+
 def field_type(annotation: Any) -> tuple[str, Any]:
     """(display name, click type) for a pydantic field annotation."""
     args = [a for a in typing.get_args(annotation) if a is not type(None)]
     if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
         return field_type(args[0])
     if typing.get_origin(annotation) is typing.Literal:
-        choices = [str(a) for a in typing.get_args(annotation)]
-        return "|".join(choices), click.Choice(choices)
+        values = typing.get_args(annotation)
+        return "|".join(str(v) for v in values), LiteralChoice(values)
+    if typing.get_origin(annotation) is list and typing.get_args(annotation) == (int,):
+        return "int,int,...", IntList()
     simple = {
         float: ("float", click.FLOAT),
         int: ("int", click.INT),

@@ -164,3 +164,41 @@ def test_a_failure_while_writing_leaves_no_output(saved_tiny, tmp_path, monkeypa
 
 def test_version():
     assert surgery.__version__ in run("--version").output
+
+
+def test_apply_sliding_window_with_a_layer_list(saved_tiny, tmp_path):
+    src = saved_tiny("qwen2")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main, ["apply", "sliding-window", "--window", "8", "--layers", "0", str(src), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["layer_types"] == ["sliding_attention", "full_attention"] and config["sliding_window"] == 8
+    bad = CliRunner().invoke(main, ["apply", "sliding-window", "--window", "8", "--layers", "0,x", str(src)])
+    assert bad.exit_code == 2 and "comma-separated integers" in bad.output
+
+
+def test_apply_kv_quant_bits_choice(saved_tiny, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        main,
+        [
+            "apply",
+            "kv-quant",
+            "--bits",
+            "4",
+            "--group-size",
+            "8",
+            "--residual",
+            "16",
+            str(saved_tiny()),
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    record = json.loads((out / "config.json").read_text())["surgery"][-1]
+    assert record["params"]["bits"] == 4 and record["persist"] == "runtime"
+    bad = CliRunner().invoke(main, ["apply", "kv-quant", "--bits", "3", str(saved_tiny())])
+    assert bad.exit_code == 2 and "'3' is not one of '8', '4', '2'" in bad.output

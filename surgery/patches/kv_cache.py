@@ -42,8 +42,9 @@ def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack`: (..., D * bits / 8) bytes -> (..., D) uint8 codes."""
     if bits == 8:
         return packed
-    shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
-    return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)
+    mask = 2**bits - 1
+    parts = [packed & mask] + [(packed >> shift) & mask for shift in range(bits, 8, bits)]
+    return torch.stack(parts, -1).flatten(-2)
 
 
 def quantize(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> tuple[torch.Tensor, ...]:
@@ -60,15 +61,32 @@ def quantize(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> tuple
     return pack(codes.view(b, h, t, d), bits), scale.squeeze(axis), lo.squeeze(axis)
 
 
-def dequantize(q: tuple[torch.Tensor, ...], bits: int, group: int, per_channel: bool, dtype: torch.dtype):
+def dequantize(
+    q: tuple[torch.Tensor, ...],
+    bits: int,
+    group: int,
+    per_channel: bool,
+    dtype: torch.dtype,
+    tail: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(B, H, T, D) states from `quantize`'s output, with `tail` (full-precision states) appended.
+    Written into one preallocated tensor (no concatenation copy); contiguous in-place ops only, as
+    broadcasting a uint8 operand is several times slower on CPU."""
     codes, scale, zero = q
-    x = unpack(codes, bits).to(dtype)
-    b, h, t, d = x.shape
+    b, h, t, packed_d = codes.shape
+    d = packed_d * 8 // bits
+    extra = 0 if tail is None else tail.shape[-2]
+    out = torch.empty(b, h, t + extra, d, dtype=dtype, device=codes.device)
     if per_channel:  # scale: (B, H, T / group, D)
-        x = x.view(b, h, t // group, group, d).mul_(scale.to(dtype).unsqueeze(3)).add_(zero.to(dtype).unsqueeze(3))
+        shape, axis = (b, h, t // group, group, d), 3
     else:  # scale: (B, H, T, D / group)
-        x = x.view(b, h, t, d // group, group).mul_(scale.to(dtype).unsqueeze(4)).add_(zero.to(dtype).unsqueeze(4))
-    return x.view(b, h, t, d)
+        shape, axis = (b, h, t, d // group, group), 4
+    view = out[:, :, :t].view(shape)
+    view.copy_(unpack(codes, bits).view(shape))
+    view.mul_(scale.to(dtype).unsqueeze(axis)).add_(zero.to(dtype).unsqueeze(axis))
+    if extra:
+        out[:, :, t:] = tail
+    return out
 
 
 def cat_quantized(old: tuple[torch.Tensor, ...] | None, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -92,8 +110,8 @@ class KIVILayer(_layer_base()):
     def _quantize(self, tensor: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, ...]:
         return quantize(tensor, self.bits, self.group, per_channel)
 
-    def _dequantize(self, q: tuple[torch.Tensor, ...], per_channel: bool, dtype: torch.dtype) -> torch.Tensor:
-        return dequantize(q, self.bits, self.group, per_channel, dtype)
+    def _dequantize(self, q: tuple[torch.Tensor, ...], per_channel: bool, tail: torch.Tensor) -> torch.Tensor:
+        return dequantize(q, self.bits, self.group, per_channel, tail.dtype, tail)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         self.cumulative_length += key_states.shape[-2]
@@ -103,9 +121,8 @@ class KIVILayer(_layer_base()):
         self.values = torch.cat([self.values, value_states], dim=-2)
         keys, values = self.keys, self.values
         if self._quantized_keys is not None:
-            dtype = key_states.dtype
-            keys = torch.cat([self._dequantize(self._quantized_keys, True, dtype), keys], dim=-2)
-            values = torch.cat([self._dequantize(self._quantized_values, False, dtype), values], dim=-2)
+            keys = self._dequantize(self._quantized_keys, True, keys)
+            values = self._dequantize(self._quantized_values, False, values)
         n = self.keys.shape[-2]
         if n >= self.residual:  # flush whole blocks of `residual` tokens; the rest stays exact
             m = n - n % self.residual
