@@ -340,6 +340,55 @@ def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None
         click.echo(f"all {len(outcomes)} gate checks passed")
 
 
+SET_HELP = "Override a recipe value before validation, e.g. --set steps.1.factor=8 (repeatable)."
+
+
+@main.command("validate")
+@click.argument("recipe")
+@click.option("--model", help="Also dry-run the patches on this model's config (meta device, no weights).")
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+def validate_cmd(recipe: str, model: str | None, overrides: tuple[str, ...]) -> None:
+    """Check a recipe without loading weights: every problem at once, with its location."""
+    from surgery.recipes import dry_run, load_recipe
+
+    parsed = load_recipe(recipe, list(overrides))
+    click.echo(f"{recipe}: valid, {len(parsed.compiled)} steps")
+    for step in parsed.compiled:
+        click.echo(f"  {step.index + 1}. {step.label}")
+    if model:
+        for line in dry_run(parsed, model):
+            click.echo(f"  dry run {line}")
+
+
+@main.command("run")
+@click.argument("recipe")
+@click.option("--out", help="Report directory (default: runs/RECIPE-NAME).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last completed step.")
+@click.option("--force", is_flag=True, help="Overwrite the report directory (and an interrupted run).")
+@click.option("--set", "overrides", multiple=True, help=SET_HELP)
+def run_cmd(recipe: str, out: str | None, resume: bool, force: bool, overrides: tuple[str, ...]) -> None:
+    """Run a recipe: steps in order with progress, then the before/after table; exit 1 when a gate fails."""
+    from surgery.recipes import load_recipe, run_recipe
+
+    parsed = load_recipe(recipe, list(overrides))
+    target = Path(out) if out else Path("runs") / Path(recipe).stem
+    outcome = run_recipe(parsed, target, resume=resume, force=force, echo=click.echo)
+    if not outcome.passed:
+        sys.exit(1)
+
+
+@main.command("push")
+@click.argument("directory")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", help="Branch to push to (created if missing).")
+def push_cmd(directory: str, repo_id: str, private: bool, revision: str | None) -> None:
+    """Upload a saved model DIRECTORY to the Hub as REPO_ID (token from HF_TOKEN or `hf auth login`)."""
+    from surgery.hub import push
+
+    click.echo(f"pushed: {push(directory, repo_id, private=private, revision=revision)}")
+
+
 main.add_command(
     ApplyGroup("apply", help="Apply a patch to MODEL and save the result: surgery apply PATCH [--param v]... MODEL")
 )

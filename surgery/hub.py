@@ -70,8 +70,9 @@ def manifest(config: Any, base_model: str | None) -> dict[str, Any]:
     }
 
 
-def model_card(config: Any, base_model: str | None) -> str:
-    """A README.md for the Hub: metadata header, what was done, how to load it."""
+def model_card(config: Any, base_model: str | None, extra: str = "") -> str:
+    """A README.md for the Hub: metadata header, what was done, how to load it, and `extra`
+    markdown (a recipe run adds the recipe and its before/after table)."""
     from huggingface_hub import ModelCardData
 
     records = [PatchRecord(**r) for r in history(config)]
@@ -109,10 +110,10 @@ record of each step is in `surgery.json` and in `config.json` under `surgery`.
 ```python
 {loader}
 ```
-"""
+{extra}"""
 
 
-def write_metadata(directory: Path, config: Any, base_model: str | None) -> None:
+def write_metadata(directory: Path, config: Any, base_model: str | None, card_extra: str = "") -> None:
     """surgery.json, README.md, and config.json keys that save_pretrained leaves out."""
     from surgery.patches.attention import persisted_impl
 
@@ -122,7 +123,7 @@ def write_metadata(directory: Path, config: Any, base_model: str | None) -> None
         saved["attn_implementation"] = impl
         (directory / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     (directory / MANIFEST).write_text(json.dumps(manifest(config, base_model), indent=2) + "\n")
-    (directory / "README.md").write_text(model_card(config, base_model))
+    (directory / "README.md").write_text(model_card(config, base_model, card_extra))
 
 
 def default_base_model(model: Any) -> str | None:
@@ -134,16 +135,28 @@ def default_base_model(model: Any) -> str | None:
     return base_model_of_dir(Path(ref)) if ref and Path(ref).is_dir() else ref or None
 
 
-def save(model: Any, tokenizer: Any, out: str | Path, *, base_model: str | None = None, force: bool = False) -> Path:
+def save(
+    model: Any,
+    tokenizer: Any,
+    out: str | Path,
+    *,
+    base_model: str | None = None,
+    force: bool = False,
+    card_extra: str = "",
+    files: dict[str, str] | None = None,
+) -> Path:
     """Save weights, tokenizer, config, manifest and model card atomically to `out`. `base_model`
-    defaults to where the model was loaded from (see `default_base_model`)."""
+    defaults to where the model was loaded from (see `default_base_model`); `card_extra` is
+    appended to the model card and `files` ({name: text}) written beside (e.g. the recipe)."""
     out = Path(out)
     base_model = base_model or default_base_model(model)
     with atomic_dir(out, force) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_metadata(tmp, model.config, base_model)
+        write_metadata(tmp, model.config, base_model, card_extra)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
     log.info("saved %s", out)
     return out
 
@@ -192,3 +205,51 @@ def apply_config_only(
         model.config.save_pretrained(tmp)
         write_metadata(tmp, model.config, base_model)
     return out, record
+
+
+def push(
+    folder: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    api: Any = None,
+    commit_message: str | None = None,
+) -> str:
+    """Upload a saved checkpoint directory to the Hub through huggingface_hub and return its URL.
+    `api` defaults to `HfApi()`, which finds the token itself (HF_TOKEN or the login cache): this
+    function never reads, prints or stores it. Tests inject an API object writing a local folder."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from surgery.errors import SurgeryError
+
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise SurgeryError(f"{folder} is not a saved model (no config.json); push a directory written by save")
+    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+        raise SurgeryError(f"repository id '{repo_id}' must look like user/name")
+    api = api if api is not None else HfApi()
+    message = commit_message or f"surgery: {', '.join(r['name'] for r in read_patches(folder)) or 'upload'}"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=message, repo_type="model"
+        )
+    except (HfHubHTTPError, OSError) as err:
+        reason = str(err).splitlines()[0]
+        raise SurgeryError(
+            f"push to {repo_id} failed: {reason}; check `hf auth login` or HF_TOKEN and your network"
+        ) from None
+    url = f"https://huggingface.co/{repo_id}" + (f"/tree/{revision}" if revision else "")
+    log.info("pushed %s to %s", folder, url)
+    return url
+
+
+def read_patches(folder: Path) -> list[dict[str, Any]]:
+    try:
+        return json.loads((folder / MANIFEST).read_text()).get("patches", [])
+    except (OSError, ValueError):
+        return []

@@ -110,6 +110,11 @@ class Patch(BaseModel):
         built from the config before the patch. Raise `SurgeryError` for unstreamable parameters."""
         raise NotImplementedError(f"{self.name} cannot stream")
 
+    def dry_run(self) -> Patch:
+        """The patch to simulate on a meta-device skeleton (`surgery validate --model`): itself,
+        unless it needs real weights (data-aware methods return their shape-equivalent variant)."""
+        return self
+
     def slug(self) -> str:
         """Short name for default output directories: `yarn-factor4`."""
         parts = [self.name]

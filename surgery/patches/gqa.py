@@ -159,6 +159,9 @@ class GQA(Patch):
         n_q, n_kv, dim = config.num_attention_heads, kv_heads(config), head_dim(config)
         return lambda name, tensor: pool_tensor(name, tensor, n_q, n_kv, dim, self.num_kv_heads)
 
+    def dry_run(self) -> GQA:
+        return self.model_copy(update={"method": "mean"})  # same shapes; aligned needs forwards
+
     def tokenizer_for(self, model: torch.nn.Module) -> Any:
         if self._tokenizer is not None:
             return self._tokenizer

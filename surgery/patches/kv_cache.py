@@ -70,8 +70,9 @@ def dequantize(
     tail: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """(B, H, T, D) states from `quantize`'s output, with `tail` (full-precision states) appended.
-    Written into one preallocated tensor (no concatenation copy); contiguous in-place ops only, as
-    broadcasting a uint8 operand is several times slower on CPU."""
+    Codes are unpacked straight into one preallocated float tensor (no uint8 intermediate, no
+    concatenation copy), then scaled in place; broadcasting a uint8 operand is several times
+    slower on CPU, so scale and zero meet float data only."""
     codes, scale, zero = q
     b, h, t, packed_d = codes.shape
     d = packed_d * 8 // bits
@@ -81,9 +82,16 @@ def dequantize(
         shape, axis = (b, h, t // group, group, d), 3
     else:  # scale: (B, H, T, D / group)
         shape, axis = (b, h, t, d // group, group), 4
-    view = out[:, :, :t].view(shape)
-    view.copy_(unpack(codes, bits).view(shape))
-    view.mul_(scale.to(dtype).unsqueeze(axis)).add_(zero.to(dtype).unsqueeze(axis))
+    history = out[:, :, :t]
+    if bits == 8:
+        history.copy_(codes)
+    else:  # unpack straight into the float output: slot i of each byte holds bits [bits*i, bits*(i+1))
+        per, mask = 8 // bits, 2**bits - 1
+        slots = history.view(b, h, t, packed_d, per)
+        slots[..., 0].copy_(codes & mask)
+        for i in range(1, per):
+            slots[..., i].copy_((codes >> (bits * i)) & mask)
+    history.view(shape).mul_(scale.to(dtype).unsqueeze(axis)).add_(zero.to(dtype).unsqueeze(axis))
     if extra:
         out[:, :, t:] = tail
     return out

@@ -1,0 +1,172 @@
+"""Short recovery fine-tunes on accelerate: LoRA through PEFT (merged back, so the result is a plain
+checkpoint) or full fine-tuning, optionally restricted to parameters matching glob patterns.
+
+The same code runs in one process or under `accelerate launch` with several: the Accelerator
+shards the data, wraps the model for data parallelism and averages gradients; losses are gathered
+so every process logs the same curve. Data comes from the train part of a text source only, so a
+held-out evaluation never sees what the heal trained on."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+import time
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from surgery.errors import SurgeryError
+
+log = logging.getLogger(__name__)
+
+
+class Finetune(BaseModel):
+    """Settings of a finetune step."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Literal["lora", "full"] = Field("lora", description="lora (merged back after training) or full")
+    max_steps: int = Field(50, ge=1, description="optimizer steps")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps, then cosine decay to 10%")
+    seq_len: int = Field(512, ge=8, description="tokens per training sequence")
+    batch_size: int = Field(1, ge=1, description="sequences per micro-batch, per process")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    seed: int | None = Field(None, description="data order and LoRA init (default: the recipe's seed)")
+    text: str = Field("pydoc", description="text source (train part): pydoc, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
+    lora_r: int = Field(16, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator")
+    lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
+    target_modules: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], min_length=1, description="module names LoRA adapts"
+    )
+    trainable: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="full: glob patterns of parameter names to train (e.g. '*.self_attn.*', '*norm*'); default all",
+    )
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> Finetune:
+        if self.method == "lora" and self.trainable is not None:
+            raise ValueError("trainable applies to method full; LoRA trains the adapters on target_modules")
+        return self
+
+
+def training_blocks(tokenizer: Any, text: str, seq_len: int) -> torch.Tensor:
+    """(N, seq_len) token blocks of the train part of `text`, in order."""
+    from surgery.evaluate.text import load_text, token_stream
+
+    ids = token_stream(tokenizer, load_text(text, "train"))
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise SurgeryError(f"the train text of {text} has {ids.numel()} tokens, fewer than seq_len {seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)
+
+
+def select_trainable(model: torch.nn.Module, patterns: list[str] | None) -> int:
+    """Freeze every parameter not matching one of `patterns`; returns the trainable count."""
+    count = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(patterns is None or any(fnmatch.fnmatchcase(name, pat) for pat in patterns))
+        count += p.numel() if p.requires_grad else 0
+    if count == 0:
+        raise SurgeryError(
+            f"finetune: no parameter matches trainable {patterns}; names look like 'model.layers.0.self_attn.k_proj.weight'"
+        )
+    return count
+
+
+def lr_lambda(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def run_finetune(model: torch.nn.Module, tokenizer: Any, settings: Finetune, seed: int = 0) -> dict[str, Any]:
+    """Train `model` in place; returns {"losses", "seconds", "tokens", "trainable"}. LoRA adapters
+    are merged and removed afterwards, so `model` stays a plain transformers model."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    if tokenizer is None:
+        raise SurgeryError("finetune needs the model's tokenizer to read its training text")
+    seed = settings.seed if settings.seed is not None else seed
+    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not torch.cuda.is_available())
+    set_seed(seed)
+    blocks = training_blocks(tokenizer, settings.text, settings.seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(blocks, batch_size=settings.batch_size, shuffle=True, generator=generator)
+
+    was_training = model.training
+    trainable_model: torch.nn.Module = model
+    if settings.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        for p in model.parameters():
+            p.requires_grad_(False)
+        config = LoraConfig(
+            r=settings.lora_r,
+            lora_alpha=settings.lora_alpha,
+            lora_dropout=settings.lora_dropout,
+            target_modules=settings.target_modules,
+            task_type="CAUSAL_LM",
+        )
+        try:
+            trainable_model = get_peft_model(model, config)
+        except ValueError as err:
+            raise SurgeryError(f"finetune: LoRA could not attach ({err}); check target_modules") from None
+        trainable = sum(p.numel() for p in trainable_model.parameters() if p.requires_grad)
+    else:
+        trainable = select_trainable(model, settings.trainable)
+    params = [p for p in trainable_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, settings.max_steps))
+    trainable_model.train()
+    wrapped, optimizer, loader, scheduler = accelerator.prepare(trainable_model, optimizer, loader, scheduler)
+
+    losses: list[float] = []
+    start = time.perf_counter()
+    batches = iter(loader)
+    bar = tqdm(total=settings.max_steps, desc="finetune", disable=not accelerator.is_local_main_process, leave=False)
+    for _ in range(settings.max_steps):
+        step_loss = torch.zeros((), device=accelerator.device)
+        for _ in range(settings.grad_accum):
+            try:
+                batch = next(batches)
+            except StopIteration:  # another epoch over the train text
+                batches = iter(loader)
+                batch = next(batches)
+            with accelerator.accumulate(wrapped):
+                loss = wrapped(input_ids=batch, labels=batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            step_loss += loss.detach() / settings.grad_accum
+        losses.append(accelerator.gather(step_loss[None]).mean().item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    unwrapped = accelerator.unwrap_model(wrapped)
+    if settings.method == "lora":
+        unwrapped.merge_and_unload()  # the LoRA layers of `model` are replaced by merged Linears in place
+    for p in model.parameters():
+        p.requires_grad_(True)
+    model.train(was_training)
+    accelerator.free_memory()
+    tokens = (
+        settings.max_steps * settings.grad_accum * settings.batch_size * settings.seq_len * accelerator.num_processes
+    )
+    log.info("finetune: %d steps, loss %.3f -> %.3f, %.0f s", settings.max_steps, losses[0], losses[-1], seconds)
+    return {"losses": losses, "seconds": seconds, "tokens": tokens, "trainable": trainable}

@@ -1,0 +1,256 @@
+"""Recipes: every shipped file validates and round-trips; malformed files fail with a clear message
+and write nothing; a recipe runs end to end on a tiny model (patch, finetune, evals, gates, save,
+push); a killed run resumes to the same result; fine-tuning runs under accelerate with 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+import surgery
+from surgery.cli import main
+from surgery.recipes import load_recipe, validate_data
+from surgery.recipes import runner as runner_module
+from surgery.recipes.schema import RecipeError
+from tests.conftest import char_tokenizer, tiny_model
+
+ROOT = Path(__file__).parent.parent
+RECIPES = sorted((ROOT / "recipes").rglob("*.yaml"))
+BAD = sorted((Path(__file__).parent / "fixtures" / "bad_recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_validate_and_round_trip(path):
+    recipe = load_recipe(path)
+    again = validate_data(yaml.safe_load(recipe.to_yaml()), "round trip")
+    assert again.model_dump() == recipe.model_dump()
+    assert [s.label for s in again.compiled] == [s.label for s in recipe.compiled]
+
+
+def test_there_are_enough_bad_recipes():
+    assert len(BAD) >= 25 and len(RECIPES) >= 6
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.stem)
+def test_bad_recipe_fails_clearly_and_writes_nothing(path, tmp_path):
+    expect = path.read_text().splitlines()[0].removeprefix("# expect: ")
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", str(path), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert expect in result.stderr, result.stderr
+    assert "Traceback" not in result.output
+    assert result.stderr.startswith("error: ")
+    assert not out.exists() and not out.with_name("run.partial").exists()
+    check = CliRunner().invoke(main, ["validate", str(path)])
+    assert check.exit_code == 2 and expect in check.stderr
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(RecipeError) as info:
+        load_recipe(Path(__file__).parent / "fixtures" / "bad_recipes" / "31-many-problems.yaml")
+    text = "\n".join(info.value.problems)
+    for part in ("modell: unknown key", "steps.0.factor", "steps.1.lenghts: unknown key; did you mean 'lengths'"):
+        assert part in text
+    assert "steps.3.push: nothing saved yet" in text
+
+
+def test_set_overrides_before_validation(tmp_path):
+    path = ROOT / "recipes" / "smollm2-yarn.yaml"
+    recipe = load_recipe(path, ["steps.2.factor=4", "seed=7"])
+    assert recipe.compiled[2].payload.factor == 4 and recipe.seed == 7
+    with pytest.raises(RecipeError, match="no 'steps.9.factor'"):
+        load_recipe(path, ["steps.9.factor=4"])
+    with pytest.raises(RecipeError, match="steps.2.factor: Input should be a valid number"):
+        load_recipe(path, ["steps.2.factor=big"])
+
+
+@pytest.fixture
+def tiny_dir(tmp_path) -> Path:
+    out = tmp_path / "tiny"
+    surgery.save(tiny_model("llama", num_hidden_layers=2), char_tokenizer(), out)
+    return out
+
+
+def write_recipe(tmp_path: Path, model: Path, steps: list[dict], name: str = "recipe.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"model": str(model), "dtype": "float32", "seed": 3, "steps": steps}))
+    return path
+
+
+PPL = {"eval": "perplexity", "lengths": [64], "samples": 2}
+HEAL = {"finetune": {"method": "full", "trainable": ["*.self_attn.*"], "max_steps": 4, "seq_len": 32, "batch_size": 2}}
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi: the real push code calls it; uploads land in a folder."""
+
+    def __init__(self, root: Path):
+        self.root, self.calls = root, []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+
+    def create_branch(self, repo_id, **kwargs):
+        self.calls.append(("create_branch", repo_id, kwargs))
+
+    def upload_folder(self, *, folder_path, repo_id, revision=None, **kwargs):
+        self.calls.append(("upload_folder", repo_id, {"revision": revision, **kwargs}))
+        shutil.copytree(folder_path, self.root / repo_id / (revision or "main"), dirs_exist_ok=True)
+
+
+def test_recipe_runs_end_to_end(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    steps = [
+        PPL,
+        {"patch": "gqa", "num_kv_heads": 1},
+        PPL,
+        HEAL,
+        PPL,
+        {"gate": ["perplexity.ppl@64:max=1000", "perplexity.ppl@64:max_increase=50%"]},
+        {"save": "saved"},
+        {"push": {"repo_id": "someone/tiny-mqa", "private": True, "revision": "heal"}},
+    ]
+    recipe = load_recipe(write_recipe(tmp_path, tiny_dir, steps))
+    api = RecordingApi(tmp_path / "hub")
+    lines: list[str] = []
+    outcome = surgery.recipes.run_recipe(recipe, tmp_path / "run", echo=lines.append, api=api)
+    assert outcome.passed
+    state = outcome.state
+    first, last = state.metrics(first=True)["perplexity.ppl@64"], state.metrics(first=False)["perplexity.ppl@64"]
+    assert [r.metrics["perplexity.ppl@64"] for r in state.results][0] == first and first != last
+    assert state.finetunes[0]["losses"][-1] < state.finetunes[0]["losses"][0]
+    assert any(line.startswith("[4/8] finetune full 4 steps") for line in lines)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "perplexity.ppl@64" in report and (tmp_path / "run" / "loss.png").is_file()
+    assert not (tmp_path / "run.partial").exists()
+
+    saved = tmp_path / "saved"
+    assert yaml.safe_load((saved / "recipe.yaml").read_text())["steps"][1] == {"patch": "gqa", "num_kv_heads": 1}
+    card = (saved / "README.md").read_text()
+    assert "## Recipe" in card and "## Before / after" in card and "perplexity.ppl@64" in card
+    stock = AutoModelForCausalLM.from_pretrained(saved)
+    assert stock.config.num_key_value_heads == 1
+    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert api.calls[0][2]["private"] is True and api.calls[2][2]["revision"] == "heal"
+    assert (tmp_path / "hub" / "someone" / "tiny-mqa" / "heal" / "model.safetensors").is_file()
+
+
+def test_failed_gate_exits_1_and_saves_nothing(tiny_dir, tmp_path):
+    steps = [
+        PPL,
+        {"patch": "gqa", "num_kv_heads": 1},
+        PPL,
+        {"gate": "perplexity.ppl@64:max_increase=0"},
+        {"save": str(tmp_path / "saved")},
+    ]
+    path = write_recipe(tmp_path, tiny_dir, steps)
+    result = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 1, result.output
+    assert "FAIL  perplexity.ppl@64" in result.output and "skipped (a gate failed)" in result.output
+    assert not (tmp_path / "saved").exists()
+    assert "A gate failed" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, monkeypatch):
+    steps = [PPL, {"patch": "gqa", "num_kv_heads": 1}, HEAL, PPL, {"save": str(tmp_path / "full-save")}]
+    recipe = load_recipe(write_recipe(tmp_path, tiny_dir, steps))
+    straight = surgery.recipes.run_recipe(recipe, tmp_path / "straight", echo=lambda _: None)
+
+    steps[-1] = {"save": str(tmp_path / "resumed-save")}
+    recipe = load_recipe(write_recipe(tmp_path, tiny_dir, steps, "again.yaml"))
+    real = runner_module.run_step
+
+    def killed(step, *args, **kwargs):
+        if step.index == 3:
+            raise KeyboardInterrupt
+        return real(step, *args, **kwargs)
+
+    monkeypatch.setattr(runner_module, "run_step", killed)
+    with pytest.raises(KeyboardInterrupt):
+        surgery.recipes.run_recipe(recipe, tmp_path / "run", echo=lambda _: None)
+    partial = tmp_path / "run.partial"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "resumed-save").exists()
+    assert json.loads((partial / "state.json").read_text())["completed"] == 3
+    assert (partial / "checkpoint" / "model.safetensors").is_file()
+    with pytest.raises(surgery.SurgeryError, match="--resume"):
+        surgery.recipes.run_recipe(recipe, tmp_path / "run", echo=lambda _: None)
+
+    monkeypatch.setattr(runner_module, "run_step", real)
+    lines: list[str] = []
+    resumed = surgery.recipes.run_recipe(recipe, tmp_path / "run", resume=True, echo=lines.append)
+    assert "resuming after step 3" in lines[0]
+    assert [r.metrics for r in resumed.state.results] == [r.metrics for r in straight.state.results]
+    a, b = (
+        load_file(tmp_path / "full-save" / "model.safetensors"),
+        load_file(tmp_path / "resumed-save" / "model.safetensors"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validate_dry_runs_patches_on_the_model_config(tiny_dir, tmp_path):
+    ok = write_recipe(
+        tmp_path, tiny_dir, [{"patch": "gqa", "num_kv_heads": 1, "method": "aligned"}, {"patch": "yarn", "factor": 2}]
+    )
+    result = CliRunner().invoke(main, ["validate", str(ok), "--model", str(tiny_dir)])
+    assert result.exit_code == 0, result.output
+    assert "dry run steps.0 gqa-numkvheads1-methodaligned" in result.output and "steps.1 yarn-factor2" in result.output
+    bad = write_recipe(tmp_path, tiny_dir, [{"patch": "gqa", "num_kv_heads": 3}], "bad.yaml")
+    result = CliRunner().invoke(main, ["validate", str(bad), "--model", str(tiny_dir)])
+    assert result.exit_code == 2 and "steps.0.patch (gqa)" in result.stderr
+
+
+def test_push_cli_never_shows_the_token(tiny_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    secret = "hf_" + "x" * 30
+    monkeypatch.setenv("HF_TOKEN", secret)
+    api = RecordingApi(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: api)
+    result = CliRunner().invoke(main, ["push", str(tiny_dir), "me/tiny", "--private"])
+    assert result.exit_code == 0, result.output
+    assert "https://huggingface.co/me/tiny" in result.output and secret not in result.output
+    uploaded = tmp_path / "hub" / "me" / "tiny" / "main"
+    assert all(secret not in f.read_text(errors="ignore") for f in uploaded.iterdir() if f.suffix in (".json", ".md"))
+    bad = CliRunner().invoke(main, ["push", str(tmp_path), "me/tiny"])
+    assert bad.exit_code == 2 and "is not a saved model" in bad.stderr
+
+
+def test_finetune_under_accelerate_with_two_processes(tiny_dir, tmp_path):
+    # accelerate's multi-process launcher (torchrun); without a GPU the processes train on CPU over gloo
+    steps = [HEAL, {"save": str(tmp_path / "saved")}]
+    path = write_recipe(tmp_path, tiny_dir, steps)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd += [
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "surgery.cli",
+        "run",
+        str(path),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = json.loads((tmp_path / "run" / "state.json").read_text())
+    assert len(state["finetunes"][0]["losses"]) == 4
+    assert state["finetunes"][0]["tokens"] == 4 * 2 * 32 * 2  # two processes, each its own batches
+    assert proc.stdout.count("[1/2] finetune") == 1  # only the main process prints
+    before = load_file(tiny_dir / "model.safetensors")
+    after = load_file(tmp_path / "saved" / "model.safetensors")
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".self_attn." in k for k in changed)
