@@ -231,7 +231,16 @@ def test_finetune_under_accelerate_with_two_processes(tiny_dir, tmp_path):
     steps = [HEAL, {"save": str(tmp_path / "saved")}]
     path = write_recipe(tmp_path, tiny_dir, steps)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+    ]
     cmd += [
         "--mixed_precision",
         "no",

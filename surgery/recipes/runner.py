@@ -105,12 +105,11 @@ def run_recipe(
     api: Any = None,
 ) -> RunOutcome:
     """Run every step of `recipe`; the report goes to `out`. Returns whether all gates passed."""
+    import torch
     from accelerate import PartialState
 
     import surgery
     from surgery.hub import check_output
-
-    import torch
 
     process = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo across processes
     main = process.is_main_process
