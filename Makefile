@@ -29,12 +29,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check surgery tests bench
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/surgery inspect smollm2 --context 8k,32k
-	HF_HUB_OFFLINE=1 $(BIN)/surgery apply yarn --factor 4 smollm2 -o out/smollm2-yarn4 --force
-	HF_HUB_OFFLINE=1 $(BIN)/surgery inspect out/smollm2-yarn4 --context 8k,32k
+	HF_HUB_OFFLINE=1 $(BIN)/surgery inspect smollm2 --context 8k,16k
+	HF_HUB_OFFLINE=1 $(BIN)/surgery run recipes/smollm2-yarn.yaml --out runs/smollm2-yarn --force
+	@echo "report: runs/smollm2-yarn/report.md; plots: runs/smollm2-yarn/*.png; model: out/smollm2-yarn2"
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/apply_config_only.py
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) out runs
