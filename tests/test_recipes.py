@@ -263,3 +263,28 @@ def test_finetune_under_accelerate_with_two_processes(tiny_dir, tmp_path):
     after = load_file(tmp_path / "saved" / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".self_attn." in k for k in changed)
+
+
+def test_a_model_that_does_not_load_leaves_nothing(tmp_path):
+    path = write_recipe(tmp_path, tmp_path / "no-such-model", [PPL])
+    result = CliRunner().invoke(main, ["run", str(path), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2 and "no-such-model" in result.stderr, result.output
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_lora_finetune_merges_back_into_a_plain_model():
+    from surgery.recipes.finetune import Finetune, run_finetune
+
+    model = tiny_model("llama")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = Finetune(
+        method="lora", max_steps=3, seq_len=32, batch_size=2, learning_rate=1e-2, target_modules=["q_proj", "v_proj"]
+    )
+    result = run_finetune(model, char_tokenizer(), settings, seed=1)
+    # rank 16 adapters: q_proj 64->64 and v_proj 64->32 (2 kv heads of 16) on 2 layers
+    assert len(result["losses"]) == 3 and result["trainable"] == 2 * (16 * (64 + 64) + 16 * (64 + 32))
+    assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in model.named_modules())
+    after = model.state_dict()
+    assert set(after) == set(before)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"model.layers.{i}.self_attn.{p}_proj.weight" for i in range(2) for p in ("q", "v")}

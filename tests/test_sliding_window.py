@@ -245,6 +245,8 @@ def test_runtime_route_refuses_flex_and_attention_after_it():
     make_patch("sliding-window", window=4, layers=[0]).apply(model)
     with pytest.raises(UnsupportedModel, match="sliding-window"):
         make_patch("attention", impl="eager").apply(model)
+    with pytest.raises(UnsupportedModel, match="already applied"):
+        make_patch("sliding-window", window=4).apply(model)
 
 
 def test_bad_parameters():

@@ -150,12 +150,17 @@ class SlidingWindow(Patch):
             raise UnsupportedModel(
                 f"{self.name} supports model types {', '.join(self.architectures)}; got '{config.model_type}'"
             )
+        if model.config._attn_implementation == RUNTIME_IMPL:
+            raise UnsupportedModel(
+                f"{self.name} was already applied through surgery's runtime attention; apply it once, "
+                "to the model without a window, with the pattern you want"
+            )
         n = config.num_hidden_layers
         if self.layers is not None and max(self.layers) >= n:
             raise UnsupportedModel(
                 f"{self.name}: layer {max(self.layers)} does not exist; the model has layers 0-{n - 1}"
             )
-        if self.route(model) == "runtime" and model.config._attn_implementation not in ("sdpa", "eager", RUNTIME_IMPL):
+        if self.route(model) == "runtime" and model.config._attn_implementation not in ("sdpa", "eager"):
             raise UnsupportedModel(
                 f"{self.name} on this model runs through its own sdpa attention, not "
                 f"{model.config._attn_implementation}; apply it before switching the backend, or use a uniform window"

@@ -120,15 +120,16 @@ def run_recipe(
     for step in recipe.compiled:  # a save target that exists fails now, not after an hour of work
         if step.verb == "save" and step.index >= state.completed and not step.payload.force:
             check_output(Path(step.payload.path), False)
+    source = str(partial / CHECKPOINT) if state.checkpoint else recipe.model
+    say(f"loading {source}" + (f" (resuming after step {state.completed})" if resume else ""))
+    model, tokenizer = surgery.load_model(
+        source, dtype=recipe.dtype, device=recipe.device
+    )  # a bad model: no state left
     if main:
         partial.mkdir(parents=True, exist_ok=True)
         (partial / "recipe.yaml").write_text(recipe.to_yaml())
         write_state(partial, state)
     process.wait_for_everyone()
-
-    source = str(partial / CHECKPOINT) if state.checkpoint else recipe.model
-    say(f"loading {source}" + (f" (resuming after step {state.completed})" if resume else ""))
-    model, tokenizer = surgery.load_model(source, dtype=recipe.dtype, device=recipe.device)
     total = len(recipe.compiled)
     for step in recipe.compiled:
         if step.index < state.completed:
@@ -251,7 +252,7 @@ def finish(recipe: Recipe, out: Path, partial: Path, state: RunState, table: str
         (tmp / "results.json").write_text(Report(model=recipe.model, results=state.results).model_dump_json(indent=2))
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         (tmp / STATE).write_text(state.model_dump_json(indent=2))
-        by_step = {f"step {r.details['step']}": Report(model=recipe.model, results=[r]) for r in state.results}
+        by_step = {f"step {r.details['step'] + 1}": Report(model=recipe.model, results=[r]) for r in state.results}
         lines = [f"# Recipe run: {recipe.model}", "", table, ""]
         if state.failed:
             lines += ["**A gate failed: later save and push steps were skipped.**", ""]
