@@ -100,7 +100,7 @@ def describe_patch(cls: type[Patch]) -> dict[str, Any]:
     return {
         "name": cls.name,
         "description": (cls.__doc__ or "").strip(),
-        "persist": cls.persist,
+        "persist": cls.persist if cls.persistence is Patch.persistence else "config or runtime (by model / parameters)",
         "config_only": cls.config_only,
         "architectures": list(cls.architectures),
         "parameters": [

@@ -1,8 +1,8 @@
 """The KV cache evaluators use, and its real size.
 
-Evaluators build the cache generation would use (a kv-quant patch's cache, the generation config's
-quantized cache, else a dynamic one), so a KV-cache patch is exercised by perplexity, needle and speed alike. Sizes are
-measured from the cache object, not assumed."""
+Evaluators build the cache generation would use (a kv-quant patch's cache, the generation
+config's quantized cache, else a dynamic one), so a KV-cache patch is exercised by perplexity,
+needle and speed alike. Sizes are measured from the cache object, not assumed."""
 
 from __future__ import annotations
 
