@@ -187,12 +187,15 @@ def format_validation_error(prefix: str, err: ValidationError, fields: list[str]
     """One line naming every invalid field, with a did-you-mean for unknown keys."""
     parts = []
     for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"]) or prefix
+        where = ".".join(str(p) for p in e["loc"])
+        message = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             parts.append(f"unknown parameter '{where}'{did_you_mean(str(e['loc'][-1]), fields)}")
+        elif not where:  # a check across fields: the message says which
+            parts.append(message)
         else:
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-            parts.append(f"{where}: {e['msg']}{got}")
+            parts.append(f"{where}: {message}{got}")
     return f"{prefix}: " + "; ".join(parts)
 
 

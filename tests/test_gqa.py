@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ import surgery
 from surgery.errors import UnsupportedModel
 from surgery.evaluate import make_eval
 from surgery.evaluate.cache import cache_bytes
+from surgery.evaluate.text import token_blocks
 from surgery.info import inspect
 from surgery.patches.gqa import attention_modules, pool_heads, rebuild
 from surgery.patches.gqa_align import align_heads
@@ -60,10 +63,15 @@ def test_expanded_then_pooled_back_gives_the_original_logits(arch):
     expand_to_mha(model)
     assert model.config.num_key_value_heads == 4
     torch.testing.assert_close(logits(model, ids), original, rtol=1e-5, atol=1e-5)
-    for method in ("mean", "aligned"):  # aligning identical heads must change nothing
+    runs = {  # aligning or fitting identical heads must change nothing
+        "mean": {},
+        "aligned": {"calibration_tokens": 64},
+        "fitted": {"calibration_tokens": 64, "fit_tokens": 128},
+    }
+    for method, params in runs.items():
         copy = tiny_model(arch)
         expand_to_mha(copy)
-        surgery.apply(copy, "gqa", tokenizer=char_tokenizer(), num_kv_heads=2, method=method, calibration_tokens=64)
+        surgery.apply(copy, "gqa", tokenizer=char_tokenizer(), num_kv_heads=2, method=method, **params)
         torch.testing.assert_close(logits(copy, ids), original, rtol=1e-4, atol=1e-4)
 
 
@@ -111,6 +119,22 @@ def test_output_weighted_pool_is_exact_for_identical_heads_and_differs_from_mean
     assert not torch.allclose(weighted[0], distinct.mean(0), atol=1e-3)
 
 
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma3"])
+def test_fitting_brings_the_pooled_model_closer_to_the_original(arch):
+    ids = token_blocks(char_tokenizer(), "pydoc", 64, split="heldout")[:4]  # the fit reads the train split
+    original = logits(tiny_model(arch, num_key_value_heads=4), ids)
+    errors, notes = {}, {}
+    fit = {"fit_tokens": 1024, "fit_steps": 100, "fit_lr": 3e-3}
+    for method, params in {"aligned": {}, "fitted": fit}.items():
+        pooled = tiny_model(arch, num_key_value_heads=4)
+        record = surgery.apply(pooled, "gqa", tokenizer=char_tokenizer(), num_kv_heads=1, method=method, **params)
+        errors[method] = (logits(pooled, ids) - original).pow(2).mean().item()
+        notes[method] = record.notes
+    before, after = map(float, re.search(r"error ([\d.]+) -> ([\d.]+)", notes["fitted"][-1]).groups())
+    assert after < 0.3 * before, notes["fitted"]  # each layer's attention output, on the calibration text
+    assert errors["fitted"] < 0.7 * errors["aligned"], errors  # the logits, on held-out text
+
+
 def test_non_divisor_is_refused_with_the_possible_counts():
     with pytest.raises(UnsupportedModel, match="3 kv heads cannot pool the model's 4; possible: 1, 2, 4"):
         surgery.apply(tiny_model("llama", num_key_value_heads=4), "gqa", num_kv_heads=3)
@@ -122,12 +146,18 @@ def test_aligned_needs_a_tokenizer():
 
 
 @pytest.mark.slow
-def test_aligned_beats_mean_on_the_embedded_model():
+def test_data_aware_pooling_beats_mean_on_the_embedded_model():
     ppl = make_eval("perplexity", lengths=[1024])  # held-out; calibration reads the train split
+    runs = {
+        "mean": {"method": "mean"},
+        "aligned": {"method": "aligned", "calibration_tokens": 512},
+        "fitted": {"method": "fitted", "calibration_tokens": 512, "fit_tokens": 2048, "fit_steps": 20},
+    }
     scores = {}
-    for method in ("mean", "aligned"):
+    for label, params in runs.items():
         model, tokenizer = surgery.load_model("smollm2", dtype="float32")
-        surgery.apply(model, "gqa", tokenizer=tokenizer, num_kv_heads=1, method=method, calibration_tokens=512)
-        scores[method] = ppl.run(model, tokenizer).metrics["perplexity.ppl@1024"]
+        surgery.apply(model, "gqa", tokenizer=tokenizer, num_kv_heads=1, **params)
+        scores[label] = ppl.run(model, tokenizer).metrics["perplexity.ppl@1024"]
     assert scores["mean"] > 1000  # 3 -> 1 by plain averaging is destructive
     assert scores["aligned"] < scores["mean"] / 10, scores
+    assert scores["fitted"] < scores["aligned"] / 2, scores

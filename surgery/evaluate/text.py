@@ -73,3 +73,12 @@ def token_stream(tokenizer, text: str):
 
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def token_blocks(tokenizer, text: str, seq_len: int, split: Split = "train"):
+    """(N, seq_len) consecutive token blocks of one split of `text`, in order."""
+    ids = token_stream(tokenizer, load_text(text, split))
+    n = ids.numel() // seq_len
+    if n == 0:
+        raise SurgeryError(f"the {split} text of {text} has {ids.numel()} tokens, fewer than {seq_len}")
+    return ids[: n * seq_len].view(n, seq_len)

@@ -6,7 +6,9 @@ queries and the output projection are kept. `mean` averages the heads' projectio
 first rotates every head onto the group's first head using a calibration sample (values by an
 orthogonal Procrustes map absorbed into o_proj; keys by per-frequency-plane rotations that commute
 with RoPE, absorbed into the query heads), then averages the keys and pools the values by least
-squares on what o_proj makes of them (see gqa_align.py): the merged head loses less.
+squares on what o_proj makes of them (see gqa_align.py): the merged head loses less. `fitted`
+then trains each pooled attention module, bottom-up, to reproduce the original's outputs on
+calibration text (see gqa_fit.py).
 
 The same per-tensor function pools in memory and when streaming a checkpoint from disk, so the
 two paths are bit-identical."""
@@ -18,7 +20,7 @@ import re
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from surgery.errors import PatchDidNotTakeEffect, SurgeryError, UnsupportedModel
 from surgery.models import head_dim, kv_heads, text_config
@@ -85,16 +87,32 @@ class GQA(Patch):
     examples: ClassVar[list[dict[str, Any]]] = [
         {"num_kv_heads": 1},
         {"num_kv_heads": 1, "method": "aligned", "calibration_tokens": 64},
+        {"num_kv_heads": 1, "method": "fitted", "calibration_tokens": 64, "fit_tokens": 64, "fit_steps": 3},
     ]
 
     num_kv_heads: int = Field(ge=1, description="key/value heads after pooling; must divide the current count")
-    method: Literal["mean", "aligned"] = Field(
-        "mean", description="mean: average the heads; aligned: rotate heads onto each other on calibration text first"
+    method: Literal["mean", "aligned", "fitted"] = Field(
+        "mean",
+        description="mean: average the heads; aligned: rotate heads onto each other on calibration text first; "
+        "fitted: aligned, then each layer's attention trained to reproduce the original's outputs",
     )
-    calibration_tokens: int = Field(2048, ge=16, description="tokens of calibration text (aligned only)")
+    calibration_tokens: int = Field(2048, ge=16, description="tokens of calibration text for the alignment")
     calibration_text: str = Field("pydoc", description="calibration source (train split): pydoc, a file, or hf:NAME")
+    fit_tokens: int = Field(8192, ge=16, description="fitted: calibration tokens the layers are fitted on")
+    fit_steps: int = Field(50, ge=0, description="fitted: Adam steps per layer (4 sequences each)")
+    fit_lr: float = Field(1e-3, gt=0, description="fitted: peak learning rate (cosine to a tenth)")
 
     streamable: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> GQA:
+        used = {"mean": (), "aligned": ("calibration",), "fitted": ("calibration", "fit")}[self.method]
+        for name, field in type(self).model_fields.items():
+            prefix = name.split("_")[0]
+            if prefix in ("calibration", "fit") and prefix not in used and getattr(self, name) != field.default:
+                needs = "aligned or fitted" if prefix == "calibration" else "fitted"
+                raise ValueError(f"{name} applies to method {needs}, not {self.method}")
+        return self
 
     def check(self, model: torch.nn.Module) -> None:
         config = text_config(model.config)
@@ -118,10 +136,11 @@ class GQA(Patch):
         if self.num_kv_heads == n_kv:
             return [f"{n_kv} kv heads already: unchanged"]
         modules = attention_modules(model)
-        if self.method == "aligned":
+        if self.method != "mean":
             from surgery.patches.gqa_align import align_heads
 
-            pooled = align_heads(model, modules, self, self.tokenizer_for(model))
+            tokenizer = self.tokenizer_for(model)
+            pooled = align_heads(model, modules, self, tokenizer)
         else:
             pooled = {
                 name: {
@@ -134,7 +153,13 @@ class GQA(Patch):
         for name, module in modules:
             rebuild(model, name, module, pooled[name])
         factor = n_kv // self.num_kv_heads
-        return [f"{n_kv} -> {self.num_kv_heads} kv heads ({self.method} pooling of {factor}); KV cache / {factor}"]
+        notes = [f"{n_kv} -> {self.num_kv_heads} kv heads ({self.method} pooling of {factor}); KV cache / {factor}"]
+        if self.method == "fitted" and self.fit_steps:
+            from surgery.patches.gqa_fit import fit_attention
+
+            teachers = dict(modules)  # the original modules, no longer in the model
+            notes += fit_attention(model, attention_modules(model), teachers, self, tokenizer)
+        return notes
 
     def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
         config = text_config(model.config)
@@ -160,7 +185,7 @@ class GQA(Patch):
         return lambda name, tensor: pool_tensor(name, tensor, n_q, n_kv, dim, self.num_kv_heads)
 
     def dry_run(self) -> GQA:
-        return self.model_copy(update={"method": "mean"})  # same shapes; aligned needs forwards
+        return self.model_copy(update={"method": "mean"})  # same shapes; aligned and fitted need forwards
 
     def tokenizer_for(self, model: torch.nn.Module) -> Any:
         if self._tokenizer is not None:

@@ -18,6 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from surgery.errors import SurgeryError
+from surgery.evaluate.text import token_blocks
 
 log = logging.getLogger(__name__)
 
@@ -56,17 +57,6 @@ class Finetune(BaseModel):
         return self
 
 
-def training_blocks(tokenizer: Any, text: str, seq_len: int) -> torch.Tensor:
-    """(N, seq_len) token blocks of the train part of `text`, in order."""
-    from surgery.evaluate.text import load_text, token_stream
-
-    ids = token_stream(tokenizer, load_text(text, "train"))
-    n = ids.numel() // seq_len
-    if n == 0:
-        raise SurgeryError(f"the train text of {text} has {ids.numel()} tokens, fewer than seq_len {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len)
-
-
 def select_trainable(model: torch.nn.Module, patterns: list[str] | None) -> int:
     """Freeze every parameter not matching one of `patterns`; returns the trainable count."""
     count = 0
@@ -102,7 +92,7 @@ def run_finetune(model: torch.nn.Module, tokenizer: Any, settings: Finetune, see
     seed = settings.seed if settings.seed is not None else seed
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not torch.cuda.is_available())
     set_seed(seed)
-    blocks = training_blocks(tokenizer, settings.text, settings.seq_len)
+    blocks = token_blocks(tokenizer, settings.text, settings.seq_len)
     generator = torch.Generator().manual_seed(seed)
     loader = torch.utils.data.DataLoader(blocks, batch_size=settings.batch_size, shuffle=True, generator=generator)
 

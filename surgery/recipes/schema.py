@@ -110,7 +110,8 @@ def pydantic_problems(where: str, err: ValidationError, fields: list[str]) -> li
             out.append(f"{path}: required")
         else:
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, list)) else ""
-            out.append(f"{path}: {e['msg']}{got}")
+            message = e["msg"].removeprefix("Value error, ")
+            out.append(f"{path}: {message}{got}")
     return out
 
 
