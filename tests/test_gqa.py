@@ -135,6 +135,21 @@ def test_fitting_brings_the_pooled_model_closer_to_the_original(arch):
     assert errors["fitted"] < 0.7 * errors["aligned"], errors  # the logits, on held-out text
 
 
+def test_fitting_a_bfloat16_model_trains_in_float32_and_keeps_its_dtype():
+    model = tiny_model("llama", num_key_value_heads=4).to(torch.bfloat16)
+    frozen = {n for n, p in model.named_parameters() if "embed" in n}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    record = surgery.apply(
+        model, "gqa", tokenizer=char_tokenizer(), num_kv_heads=1, method="fitted", fit_tokens=256, fit_steps=20
+    )
+    before, after = map(float, re.search(r"error ([\d.]+) -> ([\d.]+)", record.notes[-1]).groups())
+    assert after < before
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert {n for n, p in model.named_parameters() if not p.requires_grad} == frozen  # flags restored
+    assert torch.isfinite(logits(model, tokens(20)).float()).all()
+
+
 def test_non_divisor_is_refused_with_the_possible_counts():
     with pytest.raises(UnsupportedModel, match="3 kv heads cannot pool the model's 4; possible: 1, 2, 4"):
         surgery.apply(tiny_model("llama", num_key_value_heads=4), "gqa", num_kv_heads=3)
