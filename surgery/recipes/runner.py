@@ -275,7 +275,13 @@ def plot_losses(finetunes: list[dict[str, Any]], path: Path) -> Path | None:
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for run in finetunes:
-        ax.plot(range(1, len(run["losses"]) + 1), run["losses"], label=f"step {run['step'] + 1}")
+        steps, losses = range(1, len(run["losses"]) + 1), run["losses"]
+        (raw,) = ax.plot(steps, losses, alpha=0.3, linewidth=0.8)
+        smooth, average = [], losses[0]
+        for loss in losses:  # exponential moving average over ~10 steps: the trend through the noise
+            average = 0.9 * average + 0.1 * loss
+            smooth.append(average)
+        ax.plot(steps, smooth, color=raw.get_color(), label=f"recipe step {run['step'] + 1} (moving average)")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("training loss")
     ax.legend()
