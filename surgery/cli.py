@@ -15,6 +15,7 @@ import click
 
 import surgery
 from surgery.errors import SurgeryError
+from surgery.io import terminate_cleanly
 from surgery.patch import PATCHES, Patch, get_patch
 
 
@@ -23,6 +24,7 @@ class Group(click.Group):
 
     def main(self, args: Any = None, prog_name: str | None = None, **kwargs: Any) -> Any:
         kwargs["standalone_mode"] = False
+        terminate_cleanly()  # SIGTERM removes temporary output directories like an error does
         try:
             rv = super().main(args, prog_name or "surgery", **kwargs)
         except SurgeryError as err:
@@ -138,7 +140,7 @@ def list_patches(as_json: bool) -> None:
 @main.command("inspect")
 @click.argument("model")
 @click.option("--context", default="4k,32k,128k", show_default=True, help="Context lengths for KV size.")
-@click.option("--batch", default=1, show_default=True, type=int, help="Sequences in the batch.")
+@click.option("--batch", default=1, show_default=True, type=click.IntRange(1, 1 << 20), help="Sequences in the batch.")
 @click.option(
     "--kv-dtype", default=None, help="KV element type (bf16, fp16, fp32, fp8, int8, int4, int2); default the model's."
 )
@@ -187,9 +189,9 @@ def apply_command(cls: type[Patch]) -> click.Command:
             )
         )
 
-    def run(model: str, output: str | None, force: bool, dtype: str, load_weights: bool, **params: Any) -> None:
+    def run(model: str, out: str | None, force: bool, dtype: str, load_weights: bool, **params: Any) -> None:
         streaming = params.pop("streaming", False)
-        apply_patch(cls, model, output, force, dtype, load_weights, params, streaming)
+        apply_patch(cls, model, out, force, dtype, load_weights, params, streaming)
 
     return click.Command(
         cls.name,
@@ -198,14 +200,17 @@ def apply_command(cls: type[Patch]) -> click.Command:
         params=[
             *options,
             click.Argument(["model"]),
-            click.Option(["-o", "--output"], help="Output directory (default: ./MODEL-PATCH-PARAMS)."),
-            click.Option(["--force"], is_flag=True, help="Overwrite the output directory."),
+            click.Option(["-o", "--out", "--output", "out"], help="Output directory (default: ./MODEL-PATCH-PARAMS)."),
+            click.Option(["--force"], is_flag=True, help=FORCE_HELP),
             click.Option(
                 ["--dtype"], default="auto", show_default=True, help="Load dtype (auto, float32, bfloat16, float16)."
             ),
             click.Option(["--load-weights"], is_flag=True, help="Load the weights even for a config-only patch."),
         ],
     )
+
+
+FORCE_HELP = "Replace the output directory if surgery wrote it (never a source or a directory it did not write)."
 
 
 def apply_patch(
@@ -218,16 +223,37 @@ def apply_patch(
     params: dict[str, Any],
     streaming: bool | None = False,
 ) -> None:
-    from surgery.hub import apply_config_only, check_output, skeleton
-    from surgery.models import local_dir, parse_dtype, resolve
-    from surgery.streaming import apply_streaming, should_stream
+    from surgery.io import reserve
+    from surgery.models import parse_dtype, resolve, source_paths
+    from surgery.patch import construct
 
     flags = {n: "--" + n.replace("_", "-") for n in cls.model_fields}
-    patch = _validated(cls, {k: v for k, v in params.items() if v is not None}, flags)
+    patch = construct(cls, cls.name, {k: v for k, v in params.items() if v is not None}, rename=flags)
     parse_dtype(dtype)
     source = resolve(model)
     out = Path(output) if output else Path.cwd() / f"{source.name}-{patch.slug()}"
-    check_output(out, force)
+    with reserve(out, force, source_paths(model)):  # checked and locked before any work
+        record, how, seconds = apply_reserved(patch, model, source, out, force, dtype, load_weights, streaming)
+    for note in record.notes:
+        click.echo(f"  {note}")
+    click.echo(f"wrote {out} ({how}, {seconds:.1f} s)")
+
+
+def apply_reserved(
+    patch: Patch,
+    model: str,
+    source: Any,
+    out: Path,
+    force: bool,
+    dtype: str,
+    load_weights: bool,
+    streaming: bool | None,
+) -> tuple[Any, str, float]:
+    from surgery.hub import apply_config_only, skeleton
+    from surgery.models import local_dir, source_paths
+    from surgery.streaming import apply_streaming, should_stream
+
+    cls = type(patch)
     start = time.perf_counter()
     on_disk = source.kind != "hub" and dtype == "auto"
     if streaming and not on_disk:
@@ -250,17 +276,9 @@ def apply_patch(
         patch.check(skeleton(surgery.load_config(model)))  # refuse before reading any weights
         loaded, tokenizer = surgery.load_model(model, dtype=dtype)
         record = patch.apply(loaded, tokenizer=tokenizer)
-        surgery.save(loaded, tokenizer, out, base_model=source.base_model, force=force)
+        surgery.save(loaded, tokenizer, out, base_model=source.base_model, force=force, sources=source_paths(model))
         how = "weights loaded"
-    for note in record.notes:
-        click.echo(f"  {note}")
-    click.echo(f"wrote {out} ({how}, {time.perf_counter() - start:.1f} s)")
-
-
-def _validated(cls: type[Patch], params: dict[str, Any], flags: dict[str, str]) -> Patch:
-    from surgery.patch import construct
-
-    return construct(cls, cls.name, params, rename=flags)
+    return record, how, time.perf_counter() - start
 
 
 # ---------------------------------------------------------------- eval / compare
@@ -275,31 +293,32 @@ def _validated(cls: type[Patch], params: dict[str, Any], flags: dict[str, str]) 
     required=True,
     help="'NAME key=value ...', repeatable, e.g. 'perplexity lengths=2048,8192'.",
 )
-@click.option("-o", "--out", help="Output directory (default: ./MODEL-eval).")
-@click.option("--force", is_flag=True, help="Overwrite the output directory.")
+@click.option("-o", "--out", "--output", "out", help="Output directory (default: ./MODEL-eval).")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--dtype", default="float32", show_default=True, help="Load dtype.")
 def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, dtype: str) -> None:
     """Evaluate MODEL; write results.json, report.md and plots to --out."""
     from surgery.evaluate import make_eval
     from surgery.evaluate.report import Report, parse_spec, write_report
-    from surgery.hub import atomic_dir, check_output
-    from surgery.models import parse_dtype, resolve
+    from surgery.io import atomic_dir, reserve
+    from surgery.models import parse_dtype, resolve, source_paths
 
     evals = [make_eval(name, **params) for name, params in map(parse_spec, specs)]  # all validated before loading
     parse_dtype(dtype)
     target = Path(out) if out else Path.cwd() / f"{resolve(model).name}-eval"
-    check_output(target, force)
-    loaded, tokenizer = surgery.load_model(model, dtype=dtype)
-    results = []
-    for e in evals:
-        click.echo(f"{e.name} ...")
-        result = e.run(loaded, tokenizer)
-        for k, v in result.metrics.items():
-            click.echo(f"  {k} = {v:.4g}")
-        click.echo(f"  ({result.seconds:.1f} s)")
-        results.append(result)
-    with atomic_dir(target, force) as tmp:
-        write_report(Report(model=model, results=results), tmp)
+    sources = source_paths(model)
+    with reserve(target, force, sources):  # an unwritable or busy output fails before the evaluation
+        loaded, tokenizer = surgery.load_model(model, dtype=dtype)
+        results = []
+        for e in evals:
+            click.echo(f"{e.name} ...")
+            result = e.run(loaded, tokenizer)
+            for k, v in result.metrics.items():
+                click.echo(f"  {k} = {v:.4g}")
+            click.echo(f"  ({result.seconds:.1f} s)")
+            results.append(result)
+        with atomic_dir(target, force, sources) as tmp:
+            write_report(Report(model=model, results=results), tmp)
     click.echo(f"wrote {target}: results.json, report.md, plots")
 
 
@@ -307,24 +326,24 @@ def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, d
 @click.argument("before")
 @click.argument("after")
 @click.option("--gate", "gates", multiple=True, help="METRIC:RULE=VALUE, e.g. 'perplexity.ppl@2048:max_increase=5%'.")
-@click.option("-o", "--out", help="Write comparison.md, comparison.json and plots here.")
-@click.option("--force", is_flag=True, help="Overwrite the output directory.")
+@click.option("-o", "--out", "--output", "out", help="Write comparison.md, comparison.json and plots here.")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
 def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None, force: bool) -> None:
     """Compare two results.json files (or eval directories); exit 1 when a gate fails."""
     from surgery.evaluate.gates import evaluate_gates, parse_gate
     from surgery.evaluate.report import compare_rows, load_report, markdown_table, plot_needle, plot_perplexity
-    from surgery.hub import atomic_dir, check_output
+    from surgery.io import atomic_dir, check_target
 
     parsed = [parse_gate(g) for g in gates]
-    if out:
-        check_output(Path(out), force)
     b, a = load_report(before), load_report(after)
+    if out:
+        check_target(Path(out), force, [Path(before), Path(after)])
     rows = compare_rows(b, a)
     outcomes = evaluate_gates(parsed, b.metrics, a.metrics)
     table = markdown_table(rows, outcomes)
     click.echo(table, nl=False)
     if out:
-        with atomic_dir(Path(out), force) as tmp:
+        with atomic_dir(Path(out), force, [Path(before), Path(after)]) as tmp:
             (tmp / "comparison.md").write_text(f"# {b.model} -> {a.model}\n\n{table}")
             payload = {"rows": [r.model_dump() for r in rows], "gates": [o.model_dump() for o in outcomes]}
             (tmp / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -362,9 +381,9 @@ def validate_cmd(recipe: str, model: str | None, overrides: tuple[str, ...]) -> 
 
 @main.command("run")
 @click.argument("recipe")
-@click.option("--out", help="Report directory (default: runs/RECIPE-NAME).")
+@click.option("-o", "--out", "--output", "out", help="Report directory (default: runs/RECIPE-NAME).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last completed step.")
-@click.option("--force", is_flag=True, help="Overwrite the report directory (and an interrupted run).")
+@click.option("--force", is_flag=True, help="Replace the report directory and an interrupted run (surgery's own only).")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 def run_cmd(recipe: str, out: str | None, resume: bool, force: bool, overrides: tuple[str, ...]) -> None:
     """Run a recipe: steps in order with progress, then the before/after table; exit 1 when a gate fails."""

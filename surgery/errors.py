@@ -24,3 +24,16 @@ class InvalidParams(SurgeryError):
 
 class PatchDidNotTakeEffect(SurgeryError):
     """A patch ran but the model does not show its effect (a bug, never silent)."""
+
+
+class UnsafeOutput(SurgeryError):
+    """An output cannot be written where asked (it is the source, an ancestor of the working
+    directory, something surgery did not write, or the location is not writable)."""
+
+
+class OutputBusy(SurgeryError):
+    """Another process holds the lock on an output."""
+
+
+class UnsafeInput(SurgeryError):
+    """A checkpoint is corrupt, incomplete, or would need foreign code (remote code, pickles)."""

@@ -3,20 +3,19 @@ and the config-only fast path for patches that never touch weights."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import fcntl
 import json
 import logging
 import shutil
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from surgery.errors import OutputExists
+from surgery.checkpoint import carried_over, check_config, weight_files
+from surgery.io import atomic_dir, reserve
 from surgery.models import SOURCE_FILE
 from surgery.patch import Patch, PatchRecord, history
 
@@ -27,39 +26,14 @@ FICLONE = 0x40049409  # linux/fs.h: share the source's extents, copy on write
 NOT_COPIED = {"config.json", "README.md", MANIFEST, SOURCE_FILE}  # rewritten, not carried over
 
 
-def check_output(out: Path, force: bool) -> None:
-    """Fail before any work when `out` exists and overwriting was not asked for."""
-    if out.exists() and not force:
-        raise OutputExists(f"{out} already exists; pass --force to overwrite it or choose another -o")
-
-
-@contextlib.contextmanager
-def atomic_dir(out: Path, force: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; rename it to `out` only if the block succeeds."""
-    out = Path(out)
-    check_output(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            out.rename(trash / "old")
-            tmp.rename(out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def manifest(config: Any, base_model: str | None) -> dict[str, Any]:
+def manifest(config: Any, base_model: str | None, run: dict[str, Any] | None = None) -> dict[str, Any]:
     import transformers
 
     import surgery
 
     return {
         "base_model": base_model,
+        **({"run": run} if run else {}),
         "patches": history(config),
         "versions": {
             "surgery": surgery.__version__,
@@ -113,16 +87,29 @@ record of each step is in `surgery.json` and in `config.json` under `surgery`.
 {extra}"""
 
 
-def write_metadata(directory: Path, config: Any, base_model: str | None, card_extra: str = "") -> None:
-    """surgery.json, README.md, and config.json keys that save_pretrained leaves out."""
+def edit_json(path: Path, **changes: Any) -> None:
+    """Set keys of a JSON file in place; a value of None removes the key."""
+    data = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            data.pop(key, None)
+        else:
+            data[key] = value
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def write_metadata(
+    directory: Path, config: Any, base_model: str | None, card_extra: str = "", run: dict[str, Any] | None = None
+) -> None:
+    """surgery.json, README.md, and config.json keys that save_pretrained leaves out. No output
+    points at custom code: `auto_map` is dropped from the config and the tokenizer config."""
     from surgery.patches.attention import persisted_impl
 
-    impl = persisted_impl(config)
-    if impl:  # honoured by from_pretrained, never written by save_pretrained
-        saved = json.loads((directory / "config.json").read_text())
-        saved["attn_implementation"] = impl
-        (directory / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    (directory / MANIFEST).write_text(json.dumps(manifest(config, base_model), indent=2) + "\n")
+    # attn_implementation is honoured by from_pretrained, never written by save_pretrained
+    edit_json(directory / "config.json", attn_implementation=persisted_impl(config), auto_map=None)
+    if (directory / "tokenizer_config.json").is_file():
+        edit_json(directory / "tokenizer_config.json", auto_map=None)
+    (directory / MANIFEST).write_text(json.dumps(manifest(config, base_model, run), indent=2) + "\n")
     (directory / "README.md").write_text(model_card(config, base_model, card_extra))
 
 
@@ -144,17 +131,23 @@ def save(
     force: bool = False,
     card_extra: str = "",
     files: dict[str, str] | None = None,
+    sources: Iterable[str | Path] = (),
+    run: dict[str, Any] | None = None,
 ) -> Path:
     """Save weights, tokenizer, config, manifest and model card atomically to `out`. `base_model`
     defaults to where the model was loaded from (see `default_base_model`); `card_extra` is
-    appended to the model card and `files` ({name: text}) written beside (e.g. the recipe)."""
+    appended to the model card and `files` ({name: text}) written beside (e.g. the recipe).
+    `sources` are directories `out` must never replace (the model's own is always one); `run`
+    identifies the recipe run and step that wrote it, so a resumed run may replace it."""
     out = Path(out)
     base_model = base_model or default_base_model(model)
-    with atomic_dir(out, force) as tmp:
+    origin = getattr(model, "name_or_path", "") or ""
+    sources = [*sources, *([origin] if origin and Path(origin).is_dir() else [])]
+    with atomic_dir(out, force, sources) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_metadata(tmp, model.config, base_model, card_extra)
+        write_metadata(tmp, model.config, base_model, card_extra, run)
         for name, text in (files or {}).items():
             (tmp / name).write_text(text)
     log.info("saved %s", out)
@@ -191,20 +184,28 @@ def apply_config_only(
     from transformers import AutoConfig
 
     assert patch.config_only, f"{patch.name} changes weights"
-    out = Path(out)
-    check_output(out, force)
-    config = AutoConfig.from_pretrained(src, local_files_only=True)
-    dtype = config.dtype
-    model = skeleton(config)
-    record = patch.apply(model)
-    model.config.dtype = dtype  # from_config would otherwise record the skeleton's float32
-    with atomic_dir(out, force) as tmp:
-        for f in sorted(Path(src).iterdir()):
-            if f.is_file() and f.name not in NOT_COPIED:
-                clone_file(f, tmp / f.name)
-        model.config.save_pretrained(tmp)
-        write_metadata(tmp, model.config, base_model)
+    out, src = Path(out), Path(src)
+    with reserve(out, force, [src]):
+        check_config(src)
+        weight_files(src)  # a corrupt or incomplete checkpoint is refused, not copied
+        config = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+        dtype = config.dtype
+        model = skeleton(config)
+        record = patch.apply(model)
+        model.config.dtype = dtype  # from_config would otherwise record the skeleton's float32
+        with atomic_dir(out, force, [src]) as tmp:
+            copy_unchanged(src, tmp)
+            model.config.save_pretrained(tmp)
+            write_metadata(tmp, model.config, base_model)
     return out, record
+
+
+def copy_unchanged(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
+    """Carry over the files of a checkpoint that a patch leaves alone: never code or pickles, nor
+    the files the writer regenerates."""
+    for f in sorted(src.iterdir()):
+        if carried_over(f) and f.name not in NOT_COPIED and f.name not in skip:
+            clone_file(f, dst / f.name)
 
 
 def push(
@@ -220,7 +221,6 @@ def push(
     `api` defaults to `HfApi()`, which finds the token itself (HF_TOKEN or the login cache): this
     function never reads, prints or stores it. Tests inject an API object writing a local folder."""
     from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
 
     from surgery.errors import SurgeryError
 
@@ -238,8 +238,8 @@ def push(
         api.upload_folder(
             folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=message, repo_type="model"
         )
-    except (HfHubHTTPError, OSError) as err:
-        reason = str(err).splitlines()[0]
+    except Exception as err:  # HTTP errors, and the HTTP client's own connection errors (not OSError)
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise SurgeryError(
             f"push to {repo_id} failed: {reason}; check `hf auth login` or HF_TOKEN and your network"
         ) from None

@@ -50,13 +50,19 @@ class ModelInfo(BaseModel):
     patches: list[str]
 
 
+MAX_CONTEXT = 1 << 30
+
+
 def parse_length(text: str) -> int:
     """'4k' -> 4096, '128K' -> 131072, '1m' -> 1048576, '2048' -> 2048."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kKmM]?)\s*", text)
     if not m:
         raise SurgeryError(f"bad context length '{text}'; write e.g. 4096, 4k or 1m")
     scale = {"": 1, "k": 1024, "m": 1024 * 1024}[m.group(2).lower()]
-    return int(float(m.group(1)) * scale)
+    value = int(float(m.group(1)) * scale)
+    if not 1 <= value <= MAX_CONTEXT:
+        raise SurgeryError(f"context length '{text.strip()}' must be between 1 and {MAX_CONTEXT:,} tokens")
+    return value
 
 
 def attention_kind(query: int, kv: int) -> str:

@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import torch
 
+from surgery.checkpoint import check_config, check_tokenizer, weight_files
 from surgery.errors import ModelNotFound, SurgeryError
 from surgery.patch import history, make_patch
 
@@ -74,6 +75,8 @@ def resolve(ref: str) -> Source:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{ref} is a directory without config.json; pass a saved checkpoint")
+        check_config(path)  # JSON, a model type transformers knows, no custom code
+        check_tokenizer(path)
         return Source("dir", str(path), path.resolve().name, base_model_of_dir(path))
     if path.is_file():
         if path.suffix != ".gguf":
@@ -88,13 +91,25 @@ def resolve(ref: str) -> Source:
     return Source("hub", ref, ref.split("/")[-1], ref)
 
 
+def source_paths(ref: str) -> list[Path]:
+    """The files and directories `ref` is read from, which no output may replace (none for hub ids)."""
+    source = resolve(ref)
+    if source.kind == "dir":
+        return [Path(source.location)]
+    if source.kind == "gguf":
+        return [Path(source.location), _gguf_cache_path(Path(source.location))]
+    return []
+
+
 def base_model_of_dir(path: Path) -> str:
     """The base model recorded beside a converted GGUF or in a surgery manifest, else the dir name."""
     for name in (SOURCE_FILE, "surgery.json"):
-        if (path / name).is_file():
+        try:
             base = json.loads((path / name).read_text()).get("base_model")
-            if base:
-                return base
+        except (OSError, ValueError, AttributeError):
+            continue  # absent or unreadable: not a record of where the model came from
+        if isinstance(base, str) and base:
+            return base
     return path.resolve().name
 
 
@@ -121,9 +136,11 @@ def convert_gguf(source: Source) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True, trust_remote_code=False
         )
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, local_files_only=True, trust_remote_code=False
+        )
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
         model.config._name_or_path = source.base_model
@@ -194,19 +211,29 @@ def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None =
     path = local_dir(source)
     where = str(path) if path is not None else source.location
     local = path is not None
+    if local:
+        weight_files(path)  # corrupt, incomplete or pickle-only checkpoints: one line, nothing loaded
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=parse_dtype(dtype), local_files_only=local, device_map=device
+            where,
+            dtype=parse_dtype(dtype),
+            local_files_only=local,
+            device_map=device,
+            trust_remote_code=False,  # never prompt, never run a checkpoint's code
+            use_safetensors=True,  # never unpickle
         )
-    except OSError as err:
+    except Exception as err:  # transformers raises OSError, ValueError, SafetensorError, ... for a bad input
+        if isinstance(err, SurgeryError):
+            raise
         if local:
-            raise ModelNotFound(f"could not load {where}: {err}") from err
-        raise _hub_error(ref, err) from err
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ModelNotFound(f"could not load {where}: {reason}") from None
+        raise _hub_error(ref, err) from None
     tokenizer = None
     if path is None or any((path / f).is_file() for f in TOKENIZER_FILES):
         # transformers builds a 1-token tokenizer from nothing for some model types: never do that
         try:
-            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local)
+            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local, trust_remote_code=False)
         except (OSError, ValueError, TypeError) as err:
             log.warning("no tokenizer for %s (%s); continuing without one", ref, err)
     else:
@@ -223,17 +250,18 @@ def load_config(ref: str) -> Any:
     from transformers import AutoConfig
 
     source = resolve(ref)
+    safe = {"trust_remote_code": False}
     try:
         if source.kind == "dir":
-            return AutoConfig.from_pretrained(source.location, local_files_only=True)
+            return AutoConfig.from_pretrained(source.location, local_files_only=True, **safe)
         if source.kind == "gguf":
             cached = _gguf_cache_path(Path(source.location))
             if (cached / "config.json").is_file():
-                return AutoConfig.from_pretrained(cached, local_files_only=True)
+                return AutoConfig.from_pretrained(cached, local_files_only=True, **safe)
             gguf = Path(source.location)
-            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        return AutoConfig.from_pretrained(source.location)
-    except (OSError, ValueError) as err:
+            return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, **safe)
+        return AutoConfig.from_pretrained(source.location, **safe)
+    except (OSError, ValueError, KeyError, TypeError) as err:
         if source.kind == "hub":
             raise _hub_error(ref, err) from err
         raise ModelNotFound(f"could not read the config of {ref}: {err}") from err

@@ -68,7 +68,7 @@ def config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict
 class Patch(BaseModel):
     """Base class of every patch. Subclasses declare fields (the parameters) and class attributes."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: ClassVar[str]
     """Registry key as typed on the CLI (`yarn`, `gqa`, `sliding-window`)."""

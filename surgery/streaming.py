@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 
+from surgery.checkpoint import INDEX, check_config, read_header, weight_files
 from surgery.errors import SurgeryError
-from surgery.hub import NOT_COPIED, atomic_dir, check_output, clone_file, skeleton, write_metadata
+from surgery.hub import copy_unchanged, skeleton, write_metadata
+from surgery.io import atomic_dir, reserve
 from surgery.patch import Patch, PatchRecord
 
 log = logging.getLogger(__name__)
@@ -38,15 +40,7 @@ DTYPES = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-INDEX = "model.safetensors.index.json"
 Transform = Callable[[str, torch.Tensor], torch.Tensor]
-
-
-def read_header(path: Path) -> tuple[dict[str, Any], int]:
-    """(header dict, byte offset where tensor data starts) of a safetensors file."""
-    with open(path, "rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(size)), 8 + size
 
 
 def write_all(fout: Any, data: bytes | memoryview) -> None:
@@ -161,28 +155,32 @@ def apply_streaming(
     from transformers import AutoConfig
 
     src, out = Path(src), Path(out)
-    check_output(out, force)
-    shards = sorted(src.glob("*.safetensors"))
-    if not shards:
-        raise SurgeryError(f"{src} has no .safetensors files to stream; convert it or drop --streaming")
-    config = AutoConfig.from_pretrained(src, local_files_only=True)
-    dtype = config.dtype
-    model = skeleton(config)
-    transform = patch.tensor_transform(model.config)  # from the config *before* the patch
-    record = patch.apply(model)  # on meta: validates, rewrites shapes, verifies, records
-    model.config.dtype = dtype
-    with atomic_dir(out, force) as tmp:
-        for f in sorted(src.iterdir()):
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in NOT_COPIED | {INDEX}:
-                clone_file(f, tmp / f.name)
-        total = 0
-        for i, shard in enumerate(shards, 1):
-            log.info("streaming %s (%d/%d)", shard.name, i, len(shards))
-            total += stream_file(shard, tmp / shard.name, transform)
-        if (src / INDEX).is_file():
-            index = json.loads((src / INDEX).read_text())
-            index.setdefault("metadata", {})["total_size"] = total
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
-        model.config.save_pretrained(tmp)
-        write_metadata(tmp, model.config, base_model)
+    with reserve(out, force, [src]):
+        check_config(src)
+        shards = weight_files(src)  # headers checked, index complete: nothing corrupt is streamed
+        if not shards:
+            raise SurgeryError(f"{src} has no .safetensors files to stream; convert it or drop --streaming")
+        config = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+        dtype = config.dtype
+        model = skeleton(config)
+        transform = patch.tensor_transform(model.config)  # from the config *before* the patch
+        record = patch.apply(model)  # on meta: validates, rewrites shapes, verifies, records
+        model.config.dtype = dtype
+        with atomic_dir(out, force, [src]) as tmp:
+            copy_unchanged(src, tmp, skip=[INDEX, *(s.name for s in shards)])
+            write_shards(src, shards, tmp, transform)
+            model.config.save_pretrained(tmp)
+            write_metadata(tmp, model.config, base_model)
     return out, record
+
+
+def write_shards(src: Path, shards: list[Path], tmp: Path, transform: Transform) -> None:
+    """Every shard through `transform`, and the index with the new total size."""
+    total = 0
+    for i, shard in enumerate(shards, 1):
+        log.info("streaming %s (%d/%d)", shard.name, i, len(shards))
+        total += stream_file(shard, tmp / shard.name, transform)
+    if (src / INDEX).is_file():
+        index = json.loads((src / INDEX).read_text())
+        index.setdefault("metadata", {})["total_size"] = total
+        (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")

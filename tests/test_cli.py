@@ -107,8 +107,14 @@ def test_existing_output_is_refused_then_replaced_with_force(saved_tiny, tmp_pat
     (out / "keep.txt").write_text("mine")
     assert_user_error(run("apply", "yarn", "--factor", "2", src, "-o", out), "already exists; pass --force")
     assert (out / "keep.txt").read_text() == "mine"
+    # --force replaces only what surgery wrote: a directory with someone's file stays
+    assert_user_error(run("apply", "yarn", "--factor", "2", src, "-o", out, "--force"), "was not written by surgery")
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()  # an empty directory may be replaced
     assert run("apply", "yarn", "--factor", "2", src, "-o", out, "--force").exit_code == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    assert (out / "config.json").is_file() and (out / "surgery.json").is_file()
+    assert run("apply", "yarn", "--factor", "4", src, "-o", out, "--force").exit_code == 0  # surgery's own
+    assert json.loads((out / "config.json").read_text())["max_position_embeddings"] == 256
     assert leftovers(tmp_path) == []
 
 
@@ -157,8 +163,7 @@ def test_a_failure_while_writing_leaves_no_output(saved_tiny, tmp_path, monkeypa
         raise OSError("disk full")
 
     monkeypatch.setattr(surgery.hub, "write_metadata", broken)
-    with pytest.raises(OSError, match="disk full"):
-        run("apply", "yarn", "--factor", "2", saved_tiny("llama"), "-o", tmp_path / "out")
+    assert_user_error(run("apply", "yarn", "--factor", "2", saved_tiny("llama"), "-o", tmp_path / "out"), "disk full")
     assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 

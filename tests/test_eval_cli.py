@@ -36,6 +36,7 @@ def test_eval_writes_results_report_and_plot_then_compare_gates(tmp_path):
             "results.json",
             "report.md",
             "perplexity.png",
+            "surgery.json",  # the mark that lets --force replace it
         }
     saved = json.loads((tmp_path / "base-eval" / "results.json").read_text())
     assert set(saved["results"][0]["metrics"]) == {

@@ -182,7 +182,9 @@ def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, monkeypatch):
     partial = tmp_path / "run.partial"
     assert not (tmp_path / "run").exists() and not (tmp_path / "resumed-save").exists()
     assert json.loads((partial / "state.json").read_text())["completed"] == 3
-    assert (partial / "checkpoint" / "model.safetensors").is_file()
+    state = json.loads((partial / "state.json").read_text())
+    assert state["checkpoint"] == "checkpoint-3" and (partial / "checkpoint-3" / "model.safetensors").is_file()
+    assert not (partial / "checkpoint-2").exists()  # replaced once the state pointed past it
     with pytest.raises(surgery.SurgeryError, match="--resume"):
         surgery.recipes.run_recipe(recipe, tmp_path / "run", echo=lambda _: None)
 

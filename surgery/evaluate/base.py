@@ -25,7 +25,7 @@ class EvalResult(BaseModel):
 class Eval(BaseModel):
     """Base class of every evaluation."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     name: ClassVar[str]
     higher_is_better: ClassVar[dict[str, bool]] = {}

@@ -42,7 +42,9 @@ def load_report(path: str | Path) -> Report:
     if not path.is_file():
         raise SurgeryError(f"no results file at {path}; pass the results.json written by `surgery eval`")
     try:
-        return Report.model_validate_json(path.read_text())
+        return Report.model_validate_json(path.read_bytes())
+    except OSError as err:
+        raise SurgeryError(f"cannot read {path}: {err.strerror}") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
@@ -182,6 +184,12 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         key, eq, raw = word.partition("=")
         if not eq or not key:
             raise SurgeryError(f"bad eval parameter '{word}' in '{spec}'; write key=value")
-        values = [yaml.safe_load(v) for v in raw.split(",")] if "," in raw else yaml.safe_load(raw)
-        params[key.replace("-", "_")] = values
+        name = key.replace("-", "_")
+        if name in params:
+            raise SurgeryError(f"eval parameter '{key}' is given twice in '{spec}'; give it once")
+        try:
+            values = [yaml.safe_load(v) for v in raw.split(",")] if "," in raw else yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise SurgeryError(f"bad value in '{word}'; write plain numbers or words, e.g. lengths=2048,8192") from None
+        params[name] = values
     return words[0], params

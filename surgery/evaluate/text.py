@@ -38,15 +38,34 @@ def load_text(source: str = "pydoc", split: Split = "heldout", field: str = "tex
     if source.startswith("hf:"):
         return dataset_text(source[3:], split, field)
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise SurgeryError(f"no such text source '{source}'; use pydoc, a .txt or .jsonl file, or hf:NAME[:CONFIG]")
+    if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
+        raise SurgeryError(
+            f"{'no such text source' if not path.is_file() else 'not a .txt or .jsonl file'}: '{source}'; "
+            "use pydoc, a .txt or .jsonl file, or hf:NAME[:CONFIG]"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise SurgeryError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        missing = [i for i, r in enumerate(rows) if field not in r]
-        if missing:
-            raise SurgeryError(f"{path}: line {missing[0] + 1} has no '{field}' field")
-        return "\n\n".join(str(r[field]) for r in rows)
-    return path.read_text()
+        return jsonl_text(path, text, field)
+    return text
+
+
+def jsonl_text(path: Path, text: str, field: str) -> str:
+    """The `field` of every row of a JSON-lines file, joined by blank lines."""
+    out = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            raise SurgeryError(f"{path}: line {number} is not JSON") from None
+        if not isinstance(row, dict) or field not in row:
+            raise SurgeryError(f"{path}: line {number} has no '{field}' field")
+        out.append(str(row[field]))
+    return "\n\n".join(out)
 
 
 def dataset_text(spec: str, split: Split, field: str) -> str:

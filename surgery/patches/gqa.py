@@ -100,7 +100,7 @@ class GQA(Patch):
     calibration_text: str = Field("pydoc", description="calibration source (train split): pydoc, a file, or hf:NAME")
     fit_tokens: int = Field(8192, ge=16, description="fitted: calibration tokens the layers are fitted on")
     fit_steps: int = Field(50, ge=0, description="fitted: Adam steps per layer (4 sequences each)")
-    fit_lr: float = Field(1e-3, gt=0, description="fitted: peak learning rate (cosine to a tenth)")
+    fit_lr: float = Field(1e-3, gt=0, le=1, description="fitted: peak learning rate (cosine to a tenth)")
 
     streamable: ClassVar[bool] = True
 
@@ -193,7 +193,7 @@ class GQA(Patch):
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True)
+            return AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError) as err:
             raise SurgeryError(
                 f"{self.name} method={self.method} needs the model's tokenizer for calibration text; "

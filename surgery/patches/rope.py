@@ -137,6 +137,7 @@ class RopePatch(Patch):
 
     factor: float = Field(
         ge=1.0,
+        le=1024.0,
         description="context extension factor relative to the current model (1 = unchanged); "
         "applied twice, factors multiply",
     )
@@ -264,10 +265,10 @@ class Yarn(RopePatch):
     rope_type: ClassVar[str] = "yarn"
     examples: ClassVar[list[dict[str, Any]]] = [{"factor": 4}, {"factor": 2, "beta_fast": 16, "beta_slow": 2}]
 
-    beta_fast: float = Field(32.0, gt=0, description="rotations above which dimensions are not interpolated")
-    beta_slow: float = Field(1.0, gt=0, description="rotations below which dimensions are fully interpolated")
+    beta_fast: float = Field(32.0, gt=0, le=1e4, description="rotations above which dimensions are not interpolated")
+    beta_slow: float = Field(1.0, gt=0, le=1e4, description="rotations below which dimensions are fully interpolated")
     attention_factor: float | None = Field(
-        None, gt=0, description="cos/sin scale; default 0.1*ln(total factor)+1 as in the paper"
+        None, gt=0, le=100, description="cos/sin scale; default 0.1*ln(total factor)+1 as in the paper"
     )
 
     @model_validator(mode="after")
@@ -336,8 +337,10 @@ class Llama3(RopePatch):
         {"factor": 4, "low_freq_factor": 2, "high_freq_factor": 8},
     ]
 
-    low_freq_factor: float = Field(1.0, gt=0, description="wavelengths above original/low are fully interpolated")
-    high_freq_factor: float = Field(4.0, gt=0, description="wavelengths below original/high are kept")
+    low_freq_factor: float = Field(
+        1.0, gt=0, le=1e4, description="wavelengths above original/low are fully interpolated"
+    )
+    high_freq_factor: float = Field(4.0, gt=0, le=1e4, description="wavelengths below original/high are kept")
 
     @model_validator(mode="after")
     def _bands(self) -> Llama3:

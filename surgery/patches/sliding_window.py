@@ -155,6 +155,12 @@ class SlidingWindow(Patch):
                 f"{self.name} was already applied through surgery's runtime attention; apply it once, "
                 "to the model without a window, with the pattern you want"
             )
+        limit = getattr(config, "max_position_embeddings", None)
+        if limit and self.window >= limit:
+            raise UnsupportedModel(
+                f"{self.name}: a window of {self.window} tokens covers the whole context of this model "
+                f"(max_position_embeddings {limit}), so it would never slide; choose a window below {limit}"
+            )
         n = config.num_hidden_layers
         if self.layers is not None and max(self.layers) >= n:
             raise UnsupportedModel(

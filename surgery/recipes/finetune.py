@@ -26,16 +26,16 @@ log = logging.getLogger(__name__)
 class Finetune(BaseModel):
     """Settings of a finetune step."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: Literal["lora", "full"] = Field("lora", description="lora (merged back after training) or full")
     max_steps: int = Field(50, ge=1, description="optimizer steps")
-    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
+    learning_rate: float = Field(2e-4, gt=0, le=1, description="peak learning rate")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps, then cosine decay to 10%")
     seq_len: int = Field(512, ge=8, description="tokens per training sequence")
     batch_size: int = Field(1, ge=1, description="sequences per micro-batch, per process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay")
     seed: int | None = Field(None, description="data order and LoRA init (default: the recipe's seed)")
     text: str = Field("pydoc", description="text source (train part): pydoc, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
     lora_r: int = Field(16, ge=1, description="LoRA rank")

@@ -4,26 +4,38 @@ pushed.
 
 Work happens in `OUT.partial/` (a state file after every step, a checkpoint after every step that
 changes the model); the report lands in `OUT` by an atomic rename at the end. A killed run leaves
-no half-written output, and `resume=True` continues after the last completed step. Under
+no half-written output, and `resume=True` continues after the last completed step.
+
+Resuming is exact because the state names the checkpoint it describes: a step's checkpoint goes
+to a new directory (`checkpoint-N`, N steps done) and only then does `state.json` (renamed into
+place) point at it, so a kill between the two leaves the state at the previous step with the
+previous checkpoint, and the step runs again from there. Checkpoints no state points at are
+removed on resume. Saves and the report record the run's fingerprint in their `surgery.json`, so a
+resumed run may replace what it wrote itself before a kill, and nothing else. The whole run holds
+the lock on `OUT`. Under
 `accelerate launch` every process runs the steps (fine-tunes are data-parallel); only the main
 process writes files."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
-from surgery.errors import OutputExists, SurgeryError
+from surgery.errors import OutputExists, SurgeryError, UnsafeOutput
 from surgery.evaluate.base import EvalResult
 from surgery.evaluate.gates import GateOutcome, evaluate_gates
+from surgery.io import MARKER, atomic_dir, check_target, fault_point, remove_stale, reserve
 from surgery.recipes.schema import Recipe, Step
 
 log = logging.getLogger(__name__)
@@ -43,7 +55,7 @@ class RunState(BaseModel):
     saved: list[str] = []
     pushed: list[str] = []
     failed: bool = False
-    checkpoint: bool = False
+    checkpoint: str | None = None  # directory in OUT.partial holding the model after `completed` steps
     seconds: dict[str, float] = Field(default_factory=dict)
 
     def metrics(self, first: bool) -> dict[str, float]:
@@ -68,31 +80,99 @@ def fingerprint(recipe: Recipe) -> str:
 
 
 def write_state(partial: Path, state: RunState) -> None:
+    """Replace state.json atomically and durably (written, flushed to disk, renamed)."""
     tmp = partial / f".{STATE}.tmp"
-    tmp.write_text(state.model_dump_json(indent=2))
+    with open(tmp, "w") as f:
+        f.write(state.model_dump_json(indent=2))
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(partial / STATE)
+    fault_point("state-written")
 
 
-def start_state(recipe: Recipe, out: Path, partial: Path, resume: bool, force: bool) -> RunState:
+def read_state(partial: Path) -> RunState:
+    try:
+        return RunState.model_validate_json((partial / STATE).read_bytes())
+    except (ValidationError, ValueError, OSError):
+        raise SurgeryError(
+            f"{partial / STATE} is corrupt or from another version of surgery; start over with --force"
+        ) from None
+
+
+def run_of(directory: Path) -> str | None:
+    """The fingerprint of the recipe run that wrote `directory` (a save or a report), if any."""
+    try:
+        run = json.loads((directory / MARKER).read_text()).get("run") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run.get("fingerprint") if isinstance(run, dict) else None
+
+
+def prepare(recipe: Recipe, out: Path, partial: Path, resume: bool, force: bool, sources: list[Path]) -> RunState:
+    """Check the whole plan before anything is loaded or removed: the report directory, the
+    interrupted run, and every save target still to be written. Returns the state to start from."""
+    fp = fingerprint(recipe)
     if resume:
         if not (partial / STATE).is_file():
-            raise SurgeryError(f"nothing to resume: {partial} has no {STATE}; run without --resume")
-        state = RunState.model_validate_json((partial / STATE).read_text())
-        if state.fingerprint != fingerprint(recipe):
+            finished = run_of(out) == fp
+            raise SurgeryError(
+                f"nothing to resume: {out} holds this run's finished report"
+                if finished
+                else f"nothing to resume: {partial} has no {STATE}; run without --resume"
+            )
+        state = read_state(partial)
+        if state.fingerprint != fp:
             raise SurgeryError(
                 f"{partial} was started from a different recipe (or other --set values); "
                 "run it with the same ones, or start over with --force"
             )
-        return state
-    if out.exists() and not force:
-        raise OutputExists(f"{out} already exists; pass --force to overwrite it or choose another --out")
-    if partial.exists():
-        if not force:
-            raise OutputExists(
-                f"{partial} holds an interrupted run; continue it with --resume or start over with --force"
-            )
-        shutil.rmtree(partial)
-    return RunState(fingerprint=fingerprint(recipe))
+    else:
+        state = RunState(fingerprint=fp)
+        if partial.exists():
+            if not force:
+                raise OutputExists(
+                    f"{partial} holds an interrupted run; continue it with --resume or start over with --force"
+                )
+            if not (partial / STATE).is_file() and any(partial.iterdir()):
+                raise UnsafeOutput(
+                    f"{partial} is not an interrupted surgery run (no {STATE}); --force will not remove it: "
+                    "remove it yourself or choose another --out"
+                )
+    for step in recipe.compiled:  # a save target that exists fails now, not after an hour of work
+        if step.verb == "save" and step.index >= state.completed:
+            target = Path(step.payload.path)
+            check_target(target, step.payload.force or (resume and run_of(target) == fp), sources)
+    return state
+
+
+def open_partial(recipe: Recipe, partial: Path, state: RunState, resume: bool) -> None:
+    """A fresh run: OUT.partial appears whole (recipe and state) by one rename, replacing an old
+    one. A resumed run: remove what no state points at (a checkpoint written just before a kill,
+    temporary directories)."""
+    remove_stale(partial)
+    if resume:
+        keep = {STATE, "recipe.yaml", state.checkpoint}
+        for p in partial.iterdir():
+            if p.name not in keep:
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f".{partial.name}.tmp-", dir=partial.parent))
+    try:
+        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+        write_state(tmp, state)
+        if partial.exists():
+            drop(partial)
+        tmp.rename(partial)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fault_point("run-started")
+
+
+def drop(directory: Path) -> None:
+    """Remove a directory so that a kill midway leaves either all of it or none under its name."""
+    trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+    directory.rename(trash / directory.name)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def run_recipe(
@@ -108,27 +188,45 @@ def run_recipe(
     import torch
     from accelerate import PartialState
 
-    import surgery
-    from surgery.hub import check_output
+    from surgery.models import source_paths
 
     process = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo across processes
     main = process.is_main_process
-    say = echo if main else (lambda _msg: None)
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    state = start_state(recipe, out, partial, resume, force)
-    for step in recipe.compiled:  # a save target that exists fails now, not after an hour of work
-        if step.verb == "save" and step.index >= state.completed and not step.payload.force:
-            check_output(Path(step.payload.path), False)
-    source = str(partial / CHECKPOINT) if state.checkpoint else recipe.model
+    sources = source_paths(recipe.model)
+    replace_report = force or (resume and run_of(out) == fingerprint(recipe))
+    # only the main process writes, so only it holds the lock on OUT (for the whole run)
+    lock = reserve(out, replace_report, sources) if main else contextlib.nullcontext()
+    with lock:
+        if main:
+            remove_stale(partial)
+        state = prepare(recipe, out, partial, resume, force, sources)
+        return run_steps(recipe, out, partial, state, resume, replace_report, process, echo, api)
+
+
+def run_steps(
+    recipe: Recipe,
+    out: Path,
+    partial: Path,
+    state: RunState,
+    resume: bool,
+    replace_report: bool,
+    process: Any,
+    echo: Callable[[str], None],
+    api: Any,
+) -> RunOutcome:
+    import surgery
+
+    main = process.is_main_process
+    say = echo if main else (lambda _msg: None)
+    source = str(partial / state.checkpoint) if state.checkpoint else recipe.model
     say(f"loading {source}" + (f" (resuming after step {state.completed})" if resume else ""))
     model, tokenizer = surgery.load_model(
         source, dtype=recipe.dtype, device=recipe.device
     )  # a bad model: no state left
     if main:
-        partial.mkdir(parents=True, exist_ok=True)
-        (partial / "recipe.yaml").write_text(recipe.to_yaml())
-        write_state(partial, state)
+        open_partial(recipe, partial, state, resume)
     process.wait_for_everyone()
     total = len(recipe.compiled)
     for step in recipe.compiled:
@@ -142,16 +240,19 @@ def run_recipe(
         changed = run_step(step, recipe, model, tokenizer, state, partial, say, api, main)
         state.seconds[str(step.index)] = time.perf_counter() - start
         state.completed = step.index + 1
+        previous = state.checkpoint
         if changed and main and step.index + 1 < total:  # resume restarts from this checkpoint
-            surgery.save(model, tokenizer, partial / CHECKPOINT, base_model=recipe.model, force=True)
-            state.checkpoint = True
+            state.checkpoint = f"{CHECKPOINT}-{state.completed}"
+            surgery.save(model, tokenizer, partial / state.checkpoint, base_model=recipe.model, force=True)
         if main:
-            write_state(partial, state)
+            write_state(partial, state)  # now, and only now, the state points at the new checkpoint
+            if previous and previous != state.checkpoint:
+                shutil.rmtree(partial / previous, ignore_errors=True)
         process.wait_for_everyone()
     table = final_table(state)
     say(table)
     if main:
-        finish(recipe, out, partial, state, table, force)
+        finish(recipe, out, partial, state, table, replace_report)
     process.wait_for_everyone()
     passed = not state.failed
     say(f"{'all gates passed' if passed else 'a gate FAILED'}; report: {out / 'report.md'}")
@@ -204,14 +305,19 @@ def run_step(
         return False
     if step.verb == "save":
         if main:
+            from surgery.models import source_paths
+
+            ours = run_of(Path(payload.path)) == state.fingerprint  # written by this run before a kill
             surgery.save(
                 model,
                 tokenizer,
                 payload.path,
                 base_model=recipe.model,
-                force=payload.force,
+                force=payload.force or ours,
                 card_extra=card_section(recipe, state),
                 files={"recipe.yaml": recipe.to_yaml()},
+                sources=source_paths(recipe.model),
+                run={"fingerprint": state.fingerprint, "step": step.index},
             )
         state.saved.append(payload.path)
         say(f"    saved {payload.path}")
@@ -246,9 +352,9 @@ def card_section(recipe: Recipe, state: RunState) -> str:
 def finish(recipe: Recipe, out: Path, partial: Path, state: RunState, table: str, force: bool) -> None:
     """Write the report into `out` atomically and drop the partial run."""
     from surgery.evaluate.report import Report, plot_needle, plot_perplexity
-    from surgery.hub import atomic_dir
 
     with atomic_dir(out, force) as tmp:
+        (tmp / MARKER).write_text(json.dumps({"run": {"fingerprint": state.fingerprint}}, indent=2) + "\n")
         (tmp / "results.json").write_text(Report(model=recipe.model, results=state.results).model_dump_json(indent=2))
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         (tmp / STATE).write_text(state.model_dump_json(indent=2))
@@ -266,7 +372,7 @@ def finish(recipe: Recipe, out: Path, partial: Path, state: RunState, table: str
         (tmp / "report.md").write_text("\n".join(lines) + "\n")
         if state.finetunes:
             (tmp / "finetune.json").write_text(json.dumps(state.finetunes, indent=2))
-    shutil.rmtree(partial, ignore_errors=True)
+    drop(partial)
 
 
 def plot_losses(finetunes: list[dict[str, Any]], path: Path) -> Path | None:

@@ -35,7 +35,7 @@ class Header(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(description="hub id, local directory, .gguf file or smollm2")
+    model: str = Field(min_length=1, description="hub id, local directory, .gguf file or smollm2")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("float32", description="load dtype")
     seed: int = Field(0, description="seed for everything random (fine-tune data order, LoRA init)")
     device: str | None = Field(None, description="device or device_map for loading (default: CPU)")
@@ -45,7 +45,7 @@ class Header(BaseModel):
 class SaveStep(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    path: str = Field(description="output directory (written atomically)")
+    path: str = Field(min_length=1, pattern=r"\S", description="output directory (written atomically)")
     force: bool = Field(False, description="replace the directory if it exists")
 
 
@@ -217,13 +217,56 @@ def check_order(raw_steps: list[Any], compiled: dict[int, Step], problems: list[
             problems.append(f"{where}.push: nothing saved yet; put a save step before push (or give push a path)")
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """The safe loader (plain data, no tags that build objects), refusing duplicate keys, where
+    PyYAML would silently keep the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}; give each key once", key_node.start_mark
+                )
+            seen.add(key if isinstance(key, (str, int, float, bool)) else id(key_node))
+        return super().construct_mapping(node, deep=deep)
+
+
+MAX_DEPTH = 64  # deeper nesting is not a recipe; refusing it also keeps the parser off the recursion limit
+
+
+def nesting(text: str) -> int:
+    """How deeply flow collections ([ and {) nest in `text`, ignoring quoted strings roughly."""
+    depth = deepest = 0
+    for ch in text:
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def safe_yaml(text: str) -> Any:
+    """Parse YAML as plain data: duplicate keys, object tags and runaway nesting are errors."""
+    if nesting(text) > MAX_DEPTH:
+        raise yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep")
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:
+        raise yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep") from None
+
+
 def parse_yaml(text: str, source: str) -> Any:
     try:
-        data = yaml.safe_load(text)
+        data = safe_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if "could not determine a constructor" in problem:
+            problem = "tags that build Python objects (!!python/...) are not allowed; write plain values"
         raise RecipeError(source, [f"YAML syntax error at {where}{problem}"]) from None
     if data is None:
         raise RecipeError(source, ["the file is empty (or only comments); a recipe needs model: and steps:"])
@@ -245,11 +288,16 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             for part in parts[:-1]:
                 node = node[int(part)] if isinstance(node, list) else node[part]
             last = parts[-1]
-            value = yaml.safe_load(raw) if raw else None
+            value = safe_yaml(raw) if raw else None
             if isinstance(node, list):
                 node[int(last)] = value
             else:
                 node[last] = value
+        except yaml.YAMLError as err:
+            reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+            if "could not determine a constructor" in reason:
+                reason = "tags that build Python objects (!!python/...) are not allowed"
+            problems.append(f"--set {key}: {reason}; write a plain value")
         except (KeyError, IndexError, ValueError, TypeError):
             problems.append(f"--set {item!r}: no '{key}' in the recipe")
     if problems:
@@ -291,7 +339,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     path = Path(path)
     if not path.is_file():
         raise SurgeryError(f"no recipe at {path}; pass a YAML file (see recipes/ for examples)")
-    data = parse_yaml(path.read_text(), str(path))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(str(path), [f"not UTF-8 text (byte {err.start}); save the recipe as UTF-8"]) from None
+    except OSError as err:
+        raise SurgeryError(f"cannot read {path}: {err.strerror}") from None
+    data = parse_yaml(text, str(path))
     if overrides:
         if not isinstance(data, dict):
             raise RecipeError(str(path), ["--set needs a recipe whose top level is a mapping"])

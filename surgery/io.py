@@ -1,0 +1,245 @@
+"""Writing outputs safely: every output directory is built in a temporary directory beside its
+target and renamed into place, under a lock that a second writer cannot take.
+
+The rules, checked before any work starts:
+- an existing target is replaced only with `force`, and only when it is empty or surgery wrote it
+  (it holds `surgery.json`); never when it is a source of the run, holds a source, lies inside
+  one, or is the working directory or one of its parents;
+- the lock (`.NAME.lock` beside the target, `flock`) is held from the check to the rename, so two
+  writers never both "win": the second gets one line;
+- temporary directories (`.NAME.tmp-*`) that a killed writer left are removed by the next writer
+  of that target (holding the lock proves their owner is gone); SIGTERM cleans up at once;
+- outputs get the permissions the umask allows, like any file the user creates.
+
+`fault_point` is the hook the fault-injection tests use to kill a writer at each write boundary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import os
+import shutil
+import signal
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from surgery.errors import OutputBusy, OutputExists, UnsafeOutput
+
+MARKER = "surgery.json"  # every output surgery writes holds one; --force replaces only those
+FAULT_ENV = "SURGERY_FAULT"  # NAME or NAME:N: SIGKILL this process the N-th time it reaches NAME
+TRACE_ENV = "SURGERY_FAULT_TRACE"  # a file that collects every point reached, as NAME:N lines
+_hits: Counter[str] = Counter()
+_held: set[Path] = set()  # targets this process has locked (save inside a reserved command)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()
+
+
+def fault_point(name: str) -> None:
+    """Kill this process with SIGKILL here when SURGERY_FAULT names this point (tests only)."""
+    spec, trace = os.environ.get(FAULT_ENV), os.environ.get(TRACE_ENV)
+    if not spec and not trace:
+        return
+    _hits[name] += 1
+    hit = f"{name}:{_hits[name]}"
+    if trace:
+        with open(trace, "a") as f:
+            f.write(hit + "\n")
+    if spec in (hit, name if _hits[name] == 1 else None):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def terminate_cleanly() -> None:
+    """Turn SIGTERM into SystemExit(143), so `finally` blocks remove temporary directories."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _inside(path: Path, other: Path) -> bool:
+    return path == other or other in path.parents
+
+
+def ours(directory: Path) -> bool:
+    """True for an empty directory or one that surgery wrote (it holds surgery.json)."""
+    return (
+        directory.is_dir()
+        and not directory.is_symlink()
+        and ((directory / MARKER).is_file() or not any(directory.iterdir()))
+    )
+
+
+def check_target(out: Path, force: bool, sources: Iterable[str | Path] = ()) -> None:
+    """Everything that can be known about an output before work starts; one line otherwise."""
+    out = Path(out)
+    target = out.resolve()
+    for source in sources:
+        src = Path(source).resolve()
+        if _inside(src, target):
+            raise UnsafeOutput(f"{out} is the source {source} or holds it; write to another directory")
+        if _inside(target, src):
+            raise UnsafeOutput(f"{out} is inside the source {source}; write to another directory")
+    cwd = Path.cwd().resolve()
+    if _inside(cwd, target):
+        raise UnsafeOutput(f"{out} is the working directory or one of its parents; write to a new directory")
+    if not (out.exists() or out.is_symlink()):
+        return
+    if not force:
+        raise OutputExists(f"{out} already exists; pass --force to overwrite it or choose another output")
+    if out.is_symlink() or not out.is_dir():
+        raise UnsafeOutput(
+            f"{out} is {'a symbolic link' if out.is_symlink() else 'a file'}, not a directory surgery wrote; "
+            "--force will not replace it: remove it yourself or choose another output"
+        )
+    if not ours(out):
+        raise UnsafeOutput(
+            f"{out} is not empty and was not written by surgery (no {MARKER}); --force will not replace it: "
+            "remove it yourself or choose another output"
+        )
+
+
+def _make_parents(directory: Path) -> list[Path]:
+    """mkdir -p, returning the directories created (to remove again if the write fails)."""
+    missing = []
+    for p in [directory, *directory.parents]:
+        if p.exists():
+            break
+        missing.append(p)
+    try:
+        for p in reversed(missing):
+            p.mkdir()
+    except OSError as err:
+        _remove_empty(missing)
+        raise UnsafeOutput(f"cannot create {directory}: {err.strerror}; choose another output") from None
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for p in directories:  # deepest first
+        with contextlib.suppress(OSError):
+            p.rmdir()
+
+
+@contextlib.contextmanager
+def _lock(out: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `.NAME.lock` beside `out`; removed again on release."""
+    path = out.parent / f".{out.name}.lock"
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as err:
+            raise UnsafeOutput(f"cannot write in {out.parent}: {err.strerror}; choose another output") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusy(
+                f"another surgery process is writing {out}; wait for it to finish or choose another output"
+            ) from None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                break  # the file we locked is still the lock file (not one a finishing writer removed)
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        os.close(fd)
+
+
+def remove_stale(out: Path) -> None:
+    """Remove what killed writers of `out` left beside it; call only while holding its lock."""
+    prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")
+    for p in out.parent.iterdir():
+        if p.name.startswith(prefixes) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def reserve(out: str | Path, force: bool = False, sources: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Check `out`, create its parent and hold its lock for the block: the whole of a command that
+    writes `out`, so a second writer is refused before either does any work. Re-entrant within
+    one process (a `save` inside a reserved command)."""
+    out = Path(out)
+    key = out.resolve()
+    if key in _held:
+        yield out
+        return
+    check_target(out, force, sources)
+    created = _make_parents(out.parent)
+    try:
+        with _lock(out):
+            _held.add(key)
+            try:
+                check_target(out, force, sources)  # again, now that no other writer can change it
+                remove_stale(out)
+                yield out
+            finally:
+                _held.discard(key)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where unsupported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        at_fdcwd, rename_exchange = -100, 2
+        return libc.renameat2(at_fdcwd, bytes(a), at_fdcwd, bytes(b), rename_exchange) == 0
+    except (AttributeError, OSError):
+        return False
+
+
+@contextlib.contextmanager
+def atomic_dir(out: str | Path, force: bool = False, sources: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside `out`; rename it to `out` only if the block succeeds.
+    An existing `out` (allowed by `force` and the rules above) is swapped out atomically."""
+    from safetensors import SafetensorError
+
+    out = Path(out)
+    with reserve(out, force, sources):
+        check_target(out, force, sources)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        try:
+            os.chmod(tmp, 0o777 & ~UMASK)
+            try:
+                yield tmp
+            except (OSError, SafetensorError) as err:
+                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+                raise UnsafeOutput(f"could not write {out}: {reason}; nothing was written") from None
+            if not (tmp / MARKER).exists():
+                (tmp / MARKER).write_text('{"written_by": "surgery"}\n')
+            fault_point("before-rename")
+            if out.exists():
+                if not _exchange(tmp, out):
+                    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                    out.rename(trash / "old")
+                    tmp.rename(out)
+                    shutil.rmtree(trash, ignore_errors=True)
+            else:
+                tmp.rename(out)
+            fault_point("after-rename")
+        except OSError as err:
+            if err.errno in (errno.EBUSY, errno.EXDEV, errno.ENOTEMPTY, errno.EISDIR):
+                raise UnsafeOutput(f"cannot replace {out}: {err.strerror}; choose another output") from None
+            raise UnsafeOutput(f"could not write {out}: {err.strerror or err}; nothing was written") from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the old output
