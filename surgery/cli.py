@@ -49,6 +49,12 @@ def main(verbose: bool) -> None:
         logging.getLogger("surgery").setLevel(logging.INFO)
         for noisy in ("transformers", "lm-eval", "lm_eval", "datasets"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not sys.stderr.isatty():  # loading and saving bars are for terminals, not for logs
+        from huggingface_hub.utils import disable_progress_bars
+        from transformers.utils.logging import disable_progress_bar
+
+        disable_progress_bar()
+        disable_progress_bars()
 
 
 # ---------------------------------------------------------------- list

@@ -32,6 +32,7 @@ from surgery.errors import OutputBusy, OutputExists, UnsafeOutput
 
 MARKER = "surgery.json"  # every output surgery writes holds one; --force replaces only those
 FAULT_ENV = "SURGERY_FAULT"  # NAME or NAME:N: SIGKILL this process the N-th time it reaches NAME
+STOP_ENV = "SURGERY_FAULT_STOP"  # NAME or NAME:N: SIGSTOP this process there (a writer held mid-write)
 TRACE_ENV = "SURGERY_FAULT_TRACE"  # a file that collects every point reached, as NAME:N lines
 _hits: Counter[str] = Counter()
 _held: set[Path] = set()  # targets this process has locked (save inside a reserved command)
@@ -47,17 +48,21 @@ UMASK = _umask()
 
 
 def fault_point(name: str) -> None:
-    """Kill this process with SIGKILL here when SURGERY_FAULT names this point (tests only)."""
-    spec, trace = os.environ.get(FAULT_ENV), os.environ.get(TRACE_ENV)
-    if not spec and not trace:
+    """Kill this process with SIGKILL here when SURGERY_FAULT names this point, or stop it
+    (SIGSTOP, to hold a writer mid-write) when SURGERY_FAULT_STOP does. Tests only."""
+    spec, stop, trace = os.environ.get(FAULT_ENV), os.environ.get(STOP_ENV), os.environ.get(TRACE_ENV)
+    if not (spec or stop or trace):
         return
     _hits[name] += 1
     hit = f"{name}:{_hits[name]}"
+    first = name if _hits[name] == 1 else None
     if trace:
         with open(trace, "a") as f:
             f.write(hit + "\n")
-    if spec in (hit, name if _hits[name] == 1 else None):
+    if spec and spec in (hit, first):
         os.kill(os.getpid(), signal.SIGKILL)
+    if stop and stop in (hit, first):
+        os.kill(os.getpid(), signal.SIGSTOP)
 
 
 def terminate_cleanly() -> None:
@@ -87,15 +92,14 @@ def check_target(out: Path, force: bool, sources: Iterable[str | Path] = ()) -> 
     """Everything that can be known about an output before work starts; one line otherwise."""
     out = Path(out)
     target = out.resolve()
+    if _inside(Path.cwd().resolve(), target):
+        raise UnsafeOutput(f"{out} is the working directory or one of its parents; write to a new directory")
     for source in sources:
         src = Path(source).resolve()
         if _inside(src, target):
             raise UnsafeOutput(f"{out} is the source {source} or holds it; write to another directory")
         if _inside(target, src):
             raise UnsafeOutput(f"{out} is inside the source {source}; write to another directory")
-    cwd = Path.cwd().resolve()
-    if _inside(cwd, target):
-        raise UnsafeOutput(f"{out} is the working directory or one of its parents; write to a new directory")
     if not (out.exists() or out.is_symlink()):
         return
     if not force:

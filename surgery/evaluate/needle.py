@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, register
-from surgery.evaluate.text import load_text, token_stream
+from surgery.evaluate.text import TextSource, load_text, token_stream
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class Needle(Eval):
     depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="needle positions, 0 = start of the haystack")
     trials: int = Field(1, ge=1, description="keys per (length, depth) cell")
     haystack: Literal["filler", "text"] = Field("filler", description="repeated filler sentences, or the text source")
-    text: str = Field("pydoc", description="text source when haystack=text")
+    text: TextSource = Field("pydoc", description="text source when haystack=text")
     digits: int = Field(5, ge=1, le=12, description="digits in each key")
     seed: int = Field(0, description="seed for the keys")
     batch: int = Field(5, ge=1, description="prompts per generate call")

@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, register
 from surgery.evaluate.cache import make_cache
-from surgery.evaluate.text import load_text, token_stream
+from surgery.evaluate.text import TextSource, load_text, token_stream
 
 log = logging.getLogger(__name__)
 LOGIT_SLICE = 1024  # positions per lm_head call: 1024 x 49k fp32 = 200 MB
@@ -66,7 +66,7 @@ class Perplexity(Eval):
 
     lengths: list[int] = Field([2048], description="context lengths L; ppl@L averages positions below L")
     band: int | None = Field(None, gt=0, description="also report perplexity in bands of this many positions")
-    text: str = Field("pydoc", description="text source: pydoc, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
+    text: TextSource = Field("pydoc", description="text source: pydoc, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
     split: str = Field("heldout", description="train or heldout part of the source")
     samples: int = Field(1, ge=1, description="consecutive windows of max(lengths) tokens, averaged")
     batch: int = Field(1, ge=1, description="windows per forward")

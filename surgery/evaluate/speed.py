@@ -15,7 +15,7 @@ from pydantic import Field
 
 from surgery.evaluate.base import Eval, register
 from surgery.evaluate.cache import cache_bytes, make_cache
-from surgery.evaluate.text import load_text, token_stream
+from surgery.evaluate.text import TextSource, load_text, token_stream
 from surgery.models import kv_cache_bytes
 
 
@@ -34,7 +34,7 @@ class Speed(Eval):
     context: int = Field(1024, ge=2, description="prompt tokens prefilled before decoding")
     decode: int = Field(32, ge=1, description="tokens decoded one at a time after the prefill")
     batch: int = Field(1, ge=1, description="sequences decoded together")
-    text: str = Field("pydoc", description="text source for the prompt")
+    text: TextSource = Field("pydoc", description="text source for the prompt")
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> tuple[dict[str, float], dict[str, Any]]:
         device = next(model.parameters()).device

@@ -8,11 +8,29 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator
 
 from surgery.errors import SurgeryError
 
 Split = Literal["train", "heldout"]
+
+
+def check_source(source: str) -> str:
+    """A text source that can be read: pydoc, hf:NAME[:CONFIG], or an existing .txt/.jsonl file
+    (checked when parameters are validated, before any model is loaded)."""
+    if source == "pydoc" or (source.startswith("hf:") and len(source) > 3):
+        return source
+    path = Path(source).expanduser()
+    if not path.is_file():
+        raise ValueError(f"no such text source '{source}'; use pydoc, a .txt or .jsonl file, or hf:NAME[:CONFIG]")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise ValueError(f"text source '{source}' is not a .txt or .jsonl file")
+    return source
+
+
+TextSource = Annotated[str, AfterValidator(check_source)]
 HELDOUT_EVERY = 5  # one topic in five is held out
 
 

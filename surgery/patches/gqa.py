@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, model_validator
 
 from surgery.errors import PatchDidNotTakeEffect, SurgeryError, UnsupportedModel
+from surgery.evaluate.text import TextSource
 from surgery.models import head_dim, kv_heads, text_config
 from surgery.patch import Patch, Snapshot, register
 
@@ -97,7 +98,9 @@ class GQA(Patch):
         "fitted: aligned, then each layer's attention trained to reproduce the original's outputs",
     )
     calibration_tokens: int = Field(2048, ge=16, description="tokens of calibration text for the alignment")
-    calibration_text: str = Field("pydoc", description="calibration source (train split): pydoc, a file, or hf:NAME")
+    calibration_text: TextSource = Field(
+        "pydoc", description="calibration source (train split): pydoc, a file, or hf:NAME"
+    )
     fit_tokens: int = Field(8192, ge=16, description="fitted: calibration tokens the layers are fitted on")
     fit_steps: int = Field(50, ge=0, description="fitted: Adam steps per layer (4 sequences each)")
     fit_lr: float = Field(1e-3, gt=0, le=1, description="fitted: peak learning rate (cosine to a tenth)")

@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from surgery.errors import SurgeryError
-from surgery.evaluate.text import token_blocks
+from surgery.evaluate.text import TextSource, token_blocks
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,9 @@ class Finetune(BaseModel):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
     weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay")
     seed: int | None = Field(None, description="data order and LoRA init (default: the recipe's seed)")
-    text: str = Field("pydoc", description="text source (train part): pydoc, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
+    text: TextSource = Field(
+        "pydoc", description="text source (train part): pydoc, a .txt/.jsonl file, or hf:NAME[:CONFIG]"
+    )
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")

@@ -112,14 +112,11 @@ def prepare(recipe: Recipe, out: Path, partial: Path, resume: bool, force: bool,
     """Check the whole plan before anything is loaded or removed: the report directory, the
     interrupted run, and every save target still to be written. Returns the state to start from."""
     fp = fingerprint(recipe)
+    if resume and not (partial / STATE).is_file():
+        if run_of(out) == fp:
+            raise SurgeryError(f"nothing to resume: {out} holds this run's finished report")
+        resume = False  # killed before its first state was written: start from the first step
     if resume:
-        if not (partial / STATE).is_file():
-            finished = run_of(out) == fp
-            raise SurgeryError(
-                f"nothing to resume: {out} holds this run's finished report"
-                if finished
-                else f"nothing to resume: {partial} has no {STATE}; run without --resume"
-            )
         state = read_state(partial)
         if state.fingerprint != fp:
             raise SurgeryError(
@@ -202,6 +199,10 @@ def run_recipe(
         if main:
             remove_stale(partial)
         state = prepare(recipe, out, partial, resume, force, sources)
+        if resume and not (partial / STATE).is_file():
+            resume = False
+            if main:
+                echo(f"nothing to resume in {partial}: starting from the first step")
         return run_steps(recipe, out, partial, state, resume, replace_report, process, echo, api)
 
 

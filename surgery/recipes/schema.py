@@ -26,8 +26,10 @@ class RecipeError(SurgeryError):
 
     def __init__(self, source: str, problems: list[str]):
         self.problems = problems
-        head = f"{source}: {len(problems)} problem{'s' if len(problems) > 1 else ''}"
-        super().__init__(head + "".join(f"\n  {p}" for p in problems))
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(problems)} problems" + "".join(f"\n  {p}" for p in problems))
 
 
 class Header(BaseModel):
