@@ -99,6 +99,13 @@ def huge_header_length(w: World) -> Path:
     return bad
 
 
+def alias_bomb() -> str:
+    """A "billion laughs": 8 levels of 10 aliases, a few hundred bytes on disk, 10^8 values expanded."""
+    lines = ['a0: &a0 ["x","x","x","x","x","x","x","x","x","x"]']
+    lines += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 8)]
+    return "\n".join(lines) + "\nmodel: *a7\nsteps: [*a7]\n"
+
+
 def bad_config(w: World, content: bytes) -> Path:
     bad = w.copy()
     (bad / "config.json").write_bytes(content)
@@ -395,6 +402,7 @@ CASES: dict[str, tuple[str, Case]] = {
         "nested more than",
         lambda w: ["validate", w.file("r.yaml", "a:\n" + "".join("  " * i + "- \n" for i in range(1, 3000)))],
     ),
+    "recipe alias bomb": ("once aliases are expanded", lambda w: ["validate", w.file("r.yaml", alias_bomb())]),
     "recipe text not txt": (
         "not a .txt or .jsonl",
         lambda w: ["validate", w.recipe("model: SRC\nsteps:\n  - finetune: {method: full, text: /etc/passwd}\n")],

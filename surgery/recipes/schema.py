@@ -250,14 +250,33 @@ def nesting(text: str) -> int:
     return deepest
 
 
+MAX_VALUES = 100_000  # values in a recipe once aliases are expanded (a "billion laughs" stays small on disk)
+
+
+def expanded_size(data: Any, memo: dict[int, int] | None = None) -> int:
+    """How many values `data` holds with every alias expanded, in time linear in what was parsed
+    (aliases are shared objects: each is sized once)."""
+    memo = {} if memo is None else memo
+    if id(data) in memo:
+        return memo[id(data)]
+    children = list(data.values()) if isinstance(data, dict) else data if isinstance(data, list) else []
+    size = 1 + sum(expanded_size(child, memo) for child in children)
+    memo[id(data)] = size
+    return size
+
+
 def safe_yaml(text: str) -> Any:
-    """Parse YAML as plain data: duplicate keys, object tags and runaway nesting are errors."""
+    """Parse YAML as plain data: duplicate keys, object tags, runaway nesting and alias bombs are
+    errors."""
     if nesting(text) > MAX_DEPTH:
         raise yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep")
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
     except RecursionError:
         raise yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep") from None
+    if expanded_size(data) > MAX_VALUES:
+        raise yaml.YAMLError(f"more than {MAX_VALUES:,} values once aliases are expanded; write the recipe out")
+    return data
 
 
 def parse_yaml(text: str, source: str) -> Any:
@@ -265,11 +284,11 @@ def parse_yaml(text: str, source: str) -> Any:
         data = safe_yaml(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         if "could not determine a constructor" in problem:
             problem = "tags that build Python objects (!!python/...) are not allowed; write plain values"
-        raise RecipeError(source, [f"YAML syntax error at {where}{problem}"]) from None
+        raise RecipeError(source, [f"YAML error{where}: {problem}"]) from None
     if data is None:
         raise RecipeError(source, ["the file is empty (or only comments); a recipe needs model: and steps:"])
     return data
