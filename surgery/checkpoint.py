@@ -15,7 +15,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from surgery.errors import UnsafeInput
+from surgery.errors import UnsafeInput, did_you_mean
 
 INDEX = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
@@ -71,8 +71,6 @@ def check_config(directory: Path) -> dict[str, Any]:
             f"{directory} needs custom code to load ({target} via auto_map in config.json); surgery never runs "
             "code from a checkpoint: use a model type transformers supports natively"
         )
-    from surgery.patch import did_you_mean
-
     hint = did_you_mean(str(model_type), sorted(known_model_types())) if isinstance(model_type, str) else ""
     raise UnsafeInput(
         f"{directory}/config.json: model_type {model_type!r} is not one transformers knows{hint}"

@@ -5,18 +5,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
-import time
-import types
-import typing
 from pathlib import Path
 from typing import Any
 
 import click
 
 import surgery
+from surgery.cli_apply import FORCE_HELP, ApplyGroup, describe_patch, out_option
 from surgery.errors import SurgeryError
 from surgery.io import terminate_cleanly
-from surgery.patch import PATCHES, Patch, get_patch
+from surgery.patch import PATCHES
 
 
 class Group(click.Group):
@@ -60,70 +58,6 @@ def main(verbose: bool) -> None:
 # ---------------------------------------------------------------- list
 
 
-class LiteralChoice(click.Choice):
-    """A click choice that hands back the Literal's own value (8, not "8")."""
-
-    def __init__(self, values: tuple[Any, ...]) -> None:
-        self.values = {str(v): v for v in values}
-        super().__init__(list(self.values))
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> Any:
-        return self.values[str(super().convert(value, param, ctx))]
-
-
-class IntList(click.ParamType):
-    """Comma-separated integers: `--layers 0,2,4`."""
-
-    name = "int,int,..."
-
-    def convert(self, value: Any, param: Any, ctx: Any) -> list[int]:
-        if isinstance(value, list):
-            return value
-        try:
-            return [int(v) for v in str(value).split(",") if v.strip()]
-        except ValueError:
-            self.fail(f"expected comma-separated integers such as 0,2,4; got {value!r}", param, ctx)
-
-
-def field_type(annotation: Any) -> tuple[str, Any]:
-    """(display name, click type) for a pydantic field annotation."""
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(args) == 1:
-        return field_type(args[0])
-    if typing.get_origin(annotation) is typing.Literal:
-        values = typing.get_args(annotation)
-        return "|".join(str(v) for v in values), LiteralChoice(values)
-    if typing.get_origin(annotation) is list and typing.get_args(annotation) == (int,):
-        return "int,int,...", IntList()
-    simple = {
-        float: ("float", click.FLOAT),
-        int: ("int", click.INT),
-        bool: ("bool", click.BOOL),
-        str: ("text", click.STRING),
-    }
-    return simple.get(annotation, ("text", click.STRING))
-
-
-def describe_patch(cls: type[Patch]) -> dict[str, Any]:
-    return {
-        "name": cls.name,
-        "description": (cls.__doc__ or "").strip(),
-        "persist": cls.persist if cls.persistence is Patch.persistence else "config or runtime (by model / parameters)",
-        "config_only": cls.config_only,
-        "architectures": list(cls.architectures),
-        "parameters": [
-            {
-                "name": name,
-                "type": field_type(f.annotation)[0],
-                "required": f.is_required(),
-                "default": None if f.is_required() else f.default,
-                "description": f.description or "",
-            }
-            for name, f in cls.model_fields.items()
-        ],
-    }
-
-
 @main.command("list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def list_patches(as_json: bool) -> None:
@@ -163,133 +97,6 @@ def inspect_cmd(model: str, context: str, batch: int, kv_dtype: str | None, as_j
 # ---------------------------------------------------------------- apply
 
 
-class ApplyGroup(click.Group):
-    """`surgery apply PATCH ...`: one subcommand per registered patch, options from its fields."""
-
-    def list_commands(self, ctx: click.Context) -> list[str]:
-        return sorted(PATCHES)
-
-    def get_command(self, ctx: click.Context, name: str) -> click.Command:
-        return apply_command(get_patch(name))
-
-
-def apply_command(cls: type[Patch]) -> click.Command:
-    options = []
-    for name, f in cls.model_fields.items():
-        flag = "--" + name.replace("_", "-")
-        kind, ctype = field_type(f.annotation)
-        default = "required" if f.is_required() else f"default: {f.default}"
-        if kind == "bool":
-            options.append(
-                click.Option([f"{flag}/--no-{flag[2:]}", name], default=None, help=f"{f.description} ({default})")
-            )
-        else:
-            options.append(click.Option([flag, name], type=ctype, default=None, help=f"{f.description} ({default})"))
-
-    if cls.streamable:
-        options.append(
-            click.Option(
-                ["--streaming/--no-streaming"],
-                default=None,
-                help="Convert the checkpoint on disk tensor by tensor (default: when it would not fit in memory).",
-            )
-        )
-
-    def run(model: str, out: str | None, force: bool, dtype: str, load_weights: bool, **params: Any) -> None:
-        streaming = params.pop("streaming", False)
-        apply_patch(cls, model, out, force, dtype, load_weights, params, streaming)
-
-    return click.Command(
-        cls.name,
-        callback=run,
-        help=(cls.__doc__ or "").strip(),
-        params=[
-            *options,
-            click.Argument(["model"]),
-            click.Option(["-o", "--out", "--output", "out"], help="Output directory (default: ./MODEL-PATCH-PARAMS)."),
-            click.Option(["--force"], is_flag=True, help=FORCE_HELP),
-            click.Option(
-                ["--dtype"], default="auto", show_default=True, help="Load dtype (auto, float32, bfloat16, float16)."
-            ),
-            click.Option(["--load-weights"], is_flag=True, help="Load the weights even for a config-only patch."),
-        ],
-    )
-
-
-FORCE_HELP = "Replace the output directory if surgery wrote it (never a source or a directory it did not write)."
-
-
-def apply_patch(
-    cls: type[Patch],
-    model: str,
-    output: str | None,
-    force: bool,
-    dtype: str,
-    load_weights: bool,
-    params: dict[str, Any],
-    streaming: bool | None = False,
-) -> None:
-    from surgery.io import reserve
-    from surgery.models import parse_dtype, resolve, source_paths
-    from surgery.patch import construct
-
-    flags = {n: "--" + n.replace("_", "-") for n in cls.model_fields}
-    patch = construct(cls, cls.name, {k: v for k, v in params.items() if v is not None}, rename=flags)
-    parse_dtype(dtype)
-    source = resolve(model)
-    out = Path(output) if output else Path.cwd() / f"{source.name}-{patch.slug()}"
-    with reserve(out, force, source_paths(model)):  # checked and locked before any work
-        record, how, seconds = apply_reserved(patch, model, source, out, force, dtype, load_weights, streaming)
-    for note in record.notes:
-        click.echo(f"  {note}")
-    click.echo(f"wrote {out} ({how}, {seconds:.1f} s)")
-
-
-def apply_reserved(
-    patch: Patch,
-    model: str,
-    source: Any,
-    out: Path,
-    force: bool,
-    dtype: str,
-    load_weights: bool,
-    streaming: bool | None,
-) -> tuple[Any, str, float]:
-    from surgery.hub import apply_config_only, skeleton
-    from surgery.models import local_dir, source_paths
-    from surgery.streaming import apply_streaming, should_stream
-
-    cls = type(patch)
-    start = time.perf_counter()
-    on_disk = source.kind != "hub" and dtype == "auto"
-    if streaming and not on_disk:
-        raise SurgeryError("--streaming needs a local checkpoint and --dtype auto (tensors keep their dtype)")
-    if streaming is None and on_disk and cls.streamable and should_stream(local_dir(source)):
-        try:
-            patch.tensor_transform(surgery.load_config(model))
-            streaming = True
-            click.echo("the checkpoint would not fit in memory: converting it tensor by tensor (--streaming)")
-        except SurgeryError as err:
-            click.echo(f"warning: the checkpoint may not fit in memory, but {err}", err=True)
-    if streaming:
-        patch.tensor_transform(surgery.load_config(model))  # refuses unstreamable parameters up front
-        out, record = apply_streaming(patch, local_dir(source), out, base_model=source.base_model, force=force)
-        how = "streamed tensor by tensor"
-    elif patch.config_only and not load_weights and on_disk:
-        out, record = apply_config_only(patch, local_dir(source), out, base_model=source.base_model, force=force)
-        how = "config only, weights copied"
-    else:
-        patch.check(skeleton(surgery.load_config(model)))  # refuse before reading any weights
-        loaded, tokenizer = surgery.load_model(model, dtype=dtype)
-        record = patch.apply(loaded, tokenizer=tokenizer)
-        surgery.save(loaded, tokenizer, out, base_model=source.base_model, force=force, sources=source_paths(model))
-        how = "weights loaded"
-    return record, how, time.perf_counter() - start
-
-
-# ---------------------------------------------------------------- eval / compare
-
-
 @main.command("eval")
 @click.argument("model")
 @click.option(
@@ -299,7 +106,7 @@ def apply_reserved(
     required=True,
     help="'NAME key=value ...', repeatable, e.g. 'perplexity lengths=2048,8192'.",
 )
-@click.option("-o", "--out", "--output", "out", help="Output directory (default: ./MODEL-eval).")
+@out_option(help="Output directory (default: ./MODEL-eval).")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 @click.option("--dtype", default="float32", show_default=True, help="Load dtype.")
 def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, dtype: str) -> None:
@@ -332,7 +139,7 @@ def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, d
 @click.argument("before")
 @click.argument("after")
 @click.option("--gate", "gates", multiple=True, help="METRIC:RULE=VALUE, e.g. 'perplexity.ppl@2048:max_increase=5%'.")
-@click.option("-o", "--out", "--output", "out", help="Write comparison.md, comparison.json and plots here.")
+@out_option(help="Write comparison.md, comparison.json and plots here.")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None, force: bool) -> None:
     """Compare two results.json files (or eval directories); exit 1 when a gate fails."""
@@ -387,7 +194,7 @@ def validate_cmd(recipe: str, model: str | None, overrides: tuple[str, ...]) -> 
 
 @main.command("run")
 @click.argument("recipe")
-@click.option("-o", "--out", "--output", "out", help="Report directory (default: runs/RECIPE-NAME).")
+@out_option(help="Report directory (default: runs/RECIPE-NAME).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last completed step.")
 @click.option("--force", is_flag=True, help="Replace the report directory and an interrupted run (surgery's own only).")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)

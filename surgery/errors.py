@@ -1,5 +1,11 @@
-"""User-facing errors. Each message says what was found and what to do; the CLI prints it as one
-line and exits 2. `assert` stays for internal invariants only."""
+"""User-facing errors, and the one formatter for validation problems. Each message says what was
+found and what to do; the CLI prints it as one line and exits 2. `assert` stays for internal
+invariants only."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Any
 
 
 class SurgeryError(Exception):
@@ -19,11 +25,23 @@ class OutputExists(SurgeryError):
 
 
 class InvalidParams(SurgeryError):
-    """Patch or command parameters failed validation."""
+    """Patch, eval or command parameters failed validation."""
 
 
 class PatchDidNotTakeEffect(SurgeryError):
     """A patch ran but the model does not show its effect (a bug, never silent)."""
+
+
+class UnknownPatch(SurgeryError):
+    """No patch is registered under the name given."""
+
+
+class UnknownEval(SurgeryError):
+    """No eval is registered under the name given."""
+
+
+class GateError(SurgeryError):
+    """A gate expression that cannot be parsed."""
 
 
 class UnsafeOutput(SurgeryError):
@@ -37,3 +55,43 @@ class OutputBusy(SurgeryError):
 
 class UnsafeInput(SurgeryError):
     """A checkpoint is corrupt, incomplete, or would need foreign code (remote code, pickles)."""
+
+
+class RecipeError(SurgeryError):
+    """Every problem found in a recipe: one line for one problem, else a count and one per line."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.problems = problems
+        if len(problems) == 1:
+            super().__init__(f"{source}: {problems[0]}")
+        else:
+            super().__init__(f"{source}: {len(problems)} problems" + "".join(f"\n  {p}" for p in problems))
+
+
+def did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f"; did you mean '{close[0]}'?" if close else f"; choose from {', '.join(sorted(choices))}"
+
+
+def validation_problems(
+    err: Any, fields: list[str], where: str = "", rename: dict[str, str] | None = None
+) -> list[str]:
+    """One line per problem of a pydantic ValidationError: `where.field: message (got value)`, with
+    a did-you-mean for unknown keys. `rename` shows fields as the user typed them (`--factor`)."""
+    out = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        if loc and rename and loc[0] in rename:
+            loc[0] = rename[loc[0]]
+        path = ".".join(p for p in [where, *loc] if p)
+        message = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            out.append(f"{path}: unknown key{did_you_mean(str(e['loc'][-1]), fields)}")
+        elif e["type"] == "missing":
+            out.append(f"{path}: required")
+        elif not path:  # a check across fields: the message says which
+            out.append(message)
+        else:
+            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, list)) else ""
+            out.append(f"{path}: {message}{got}")
+    return out

@@ -17,7 +17,7 @@ import torch
 from surgery.checkpoint import carried_over, check_config, weight_files
 from surgery.io import atomic_dir, reserve
 from surgery.models import SOURCE_FILE
-from surgery.patch import Patch, PatchRecord, history
+from surgery.patch import Patch, PatchRecord, get_patch, history
 
 log = logging.getLogger(__name__)
 
@@ -27,16 +27,16 @@ NOT_COPIED = {"config.json", "README.md", MANIFEST, SOURCE_FILE}  # rewritten, n
 
 
 def manifest(config: Any, base_model: str | None, run: dict[str, Any] | None = None) -> dict[str, Any]:
-    import transformers
+    from importlib.metadata import version
 
-    import surgery
+    import transformers
 
     return {
         "base_model": base_model,
         **({"run": run} if run else {}),
         "patches": history(config),
         "versions": {
-            "surgery": surgery.__version__,
+            "surgery": version("surgery"),
             "transformers": transformers.__version__,
             "torch": torch.__version__,
         },
@@ -101,12 +101,13 @@ def edit_json(path: Path, **changes: Any) -> None:
 def write_metadata(
     directory: Path, config: Any, base_model: str | None, card_extra: str = "", run: dict[str, Any] | None = None
 ) -> None:
-    """surgery.json, README.md, and config.json keys that save_pretrained leaves out. No output
-    points at custom code: `auto_map` is dropped from the config and the tokenizer config."""
-    from surgery.patches.attention import persisted_impl
-
-    # attn_implementation is honoured by from_pretrained, never written by save_pretrained
-    edit_json(directory / "config.json", attn_implementation=persisted_impl(config), auto_map=None)
+    """surgery.json, README.md, and config.json keys that save_pretrained leaves out (each applied
+    patch says which: `Patch.saved_config`). No output points at custom code: `auto_map` is dropped
+    from the config and the tokenizer config."""
+    extra: dict[str, Any] = {}
+    for record in history(config):
+        extra.update(get_patch(record["name"]).saved_config(config))
+    edit_json(directory / "config.json", **extra, auto_map=None)
     if (directory / "tokenizer_config.json").is_file():
         edit_json(directory / "tokenizer_config.json", auto_map=None)
     (directory / MANIFEST).write_text(json.dumps(manifest(config, base_model, run), indent=2) + "\n")

@@ -8,8 +8,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
-from surgery.errors import SurgeryError
-from surgery.models import (
+from surgery.arch import (
     KV_DTYPE_BYTES,
     head_dim,
     kv_bytes_per_token,
@@ -18,6 +17,7 @@ from surgery.models import (
     layer_windows,
     text_config,
 )
+from surgery.errors import SurgeryError
 from surgery.patch import history
 
 DEFAULT_CONTEXTS = (4096, 32768, 131072)

@@ -1,18 +1,20 @@
 """The Patch protocol: a patch class *is* its parameters (a frozen pydantic model), registered by
-name in `PATCHES`. Authors write `check` and `rewrite` (and `verify` when the effect is not visible
-in the config); the shared `apply` runs check -> rewrite -> verify and appends a `PatchRecord` to
-`model.config.surgery`, so provenance travels with `config.json`."""
+name in `PATCHES`. Authors write `rewrite` and `verify` (and `check` for what the architecture list
+does not cover); the shared `apply` checks the architecture, runs check -> rewrite -> verify and
+appends a `PatchRecord` to `model.config.surgery`, so provenance travels with `config.json`. A
+patch without its own `verify` does not register: every patch proves its effect."""
 
 from __future__ import annotations
 
-import difflib
+import dataclasses
 import logging
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from surgery.errors import InvalidParams, SurgeryError
+from surgery.arch import kv_bytes_per_token, text_config
+from surgery.errors import InvalidParams, UnknownPatch, UnsupportedModel, did_you_mean, validation_problems
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +49,6 @@ class Snapshot(BaseModel):
 
 
 def snapshot(model: torch.nn.Module) -> Snapshot:
-    from surgery.models import kv_bytes_per_token
-
     config = model.config.to_dict()
     config.pop("surgery", None)
     dtype = next(model.parameters()).dtype
@@ -63,6 +63,15 @@ def snapshot(model: torch.nn.Module) -> Snapshot:
 def config_diff(before: dict[str, Any], after: dict[str, Any]) -> dict[str, dict[str, Any]]:
     keys = sorted(set(before) | set(after))
     return {k: {"before": before.get(k), "after": after.get(k)} for k in keys if before.get(k) != after.get(k)}
+
+
+@dataclasses.dataclass
+class Context:
+    """One application of a patch: what it may read (the tokenizer, for calibration text) and
+    what it leaves for `details` (`state`). Patches are frozen; per-application state lives here."""
+
+    tokenizer: Any = None
+    state: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 class Patch(BaseModel):
@@ -84,24 +93,30 @@ class Patch(BaseModel):
     streamable: ClassVar[bool] = False
     """True when `tensor_transform` can convert a checkpoint on disk one tensor at a time."""
 
-    _tokenizer: Any = PrivateAttr(None)  # for data-aware patches (calibration text); set by apply
-
     def check(self, model: torch.nn.Module) -> None:
-        """Raise `UnsupportedModel` (why, and what would work) if this patch cannot run."""
+        """Raise `UnsupportedModel` (why, and what would work) if this patch cannot run, beyond
+        the architecture list, which `apply` checks itself."""
 
-    def rewrite(self, model: torch.nn.Module) -> list[str]:
+    def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
         """Do the surgery in place; return human-readable notes."""
         raise NotImplementedError
 
-    def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
-        """Raise `PatchDidNotTakeEffect` unless the model shows the patch's effect."""
+    def verify(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> None:
+        """Raise `PatchDidNotTakeEffect` unless the model shows the patch's effect. Required."""
+        raise NotImplementedError
+
+    @classmethod
+    def saved_config(cls, config: Any) -> dict[str, Any]:
+        """Keys to write into a saved config.json that `save_pretrained` leaves out (the attention
+        backend), for a model this patch was applied to; None values remove a key."""
+        return {}
 
     def persistence(self, model: torch.nn.Module) -> Persist:
         """How this application persists on this model (patches whose route depends on the model,
         such as sliding-window, override it); called after `check`, before `rewrite`."""
         return self.persist
 
-    def details(self, model: torch.nn.Module, before: Snapshot) -> dict[str, Any]:
+    def details(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> dict[str, Any]:
         """Extra facts stored in the record (e.g. the pre-patch RoPE origin)."""
         return {}
 
@@ -115,6 +130,17 @@ class Patch(BaseModel):
         unless it needs real weights (data-aware methods return their shape-equivalent variant)."""
         return self
 
+    def short(self) -> str:
+        """How reports name what this patch did: `yarn ×2`, `gqa → 1 kv heads`; by default the
+        name and every parameter that differs from its default."""
+        defaults = {k: f.default for k, f in type(self).model_fields.items()}
+        changed = [
+            f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in self.model_dump().items()
+            if v != defaults.get(k)
+        ]
+        return " ".join([self.name, *changed])
+
     def slug(self) -> str:
         """Short name for default output directories: `yarn-factor4`."""
         parts = [self.name]
@@ -125,15 +151,25 @@ class Patch(BaseModel):
                 parts.append(f"{key.replace('_', '')}{text}".replace(" ", "").replace("/", "_"))
         return "-".join(parts)
 
+    def supports(self, model: torch.nn.Module) -> None:
+        """Raise `UnsupportedModel` unless this patch can run on `model`: the architecture list
+        (one message for every patch), then the patch's own `check`. Works on a meta skeleton."""
+        types = {model.config.model_type, text_config(model.config).model_type}
+        if not types & set(self.architectures):
+            raise UnsupportedModel(
+                f"{self.name} supports model types {', '.join(self.architectures)}; got '{model.config.model_type}'"
+            )
+        self.check(model)
+
     def apply(self, model: torch.nn.Module, tokenizer: Any = None) -> PatchRecord:
         """check -> rewrite -> verify, then record the result in `model.config.surgery`.
         `tokenizer` is only read by data-aware patches (calibration text)."""
-        self._tokenizer = tokenizer
-        self.check(model)
+        ctx = Context(tokenizer=tokenizer)
+        self.supports(model)
         persist = self.persistence(model)
         before = snapshot(model)
-        notes = self.rewrite(model) or []
-        self.verify(model, before)
+        notes = self.rewrite(model, ctx) or []
+        self.verify(model, before, ctx)
         after = snapshot(model)
         record = PatchRecord(
             name=self.name,
@@ -145,7 +181,7 @@ class Patch(BaseModel):
             kv_bytes_per_token_before=before.kv_bytes_per_token,
             kv_bytes_per_token_after=after.kv_bytes_per_token,
             notes=notes,
-            details=self.details(model, before),
+            details=self.details(model, before, ctx),
         )
         model.config.surgery = [*history(model.config), record.model_dump(mode="json")]
         log.debug("applied %s: %s", self.name, "; ".join(notes) or "done")
@@ -161,19 +197,15 @@ PATCHES: dict[str, type[Patch]] = {}
 
 
 def register(cls: type[Patch]) -> type[Patch]:
-    """Class decorator: enrol a patch under `cls.name`."""
+    """Class decorator: enrol a patch under `cls.name`. The contract is checked here: a patch
+    names its architectures and examples and proves its effect with its own `verify`."""
     assert cls.name not in PATCHES, f"patch {cls.name!r} registered twice"
+    if cls.verify is Patch.verify or cls.rewrite is Patch.rewrite:
+        raise TypeError(f"patch {cls.name!r} must implement rewrite and verify (every patch proves its effect)")
+    if not cls.architectures or not cls.examples:
+        raise TypeError(f"patch {cls.name!r} must list its architectures and at least one example")
     PATCHES[cls.name] = cls
     return cls
-
-
-class UnknownPatch(SurgeryError):
-    pass
-
-
-def did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f"; did you mean '{close[0]}'?" if close else f"; choose from {', '.join(sorted(choices))}"
 
 
 def get_patch(name: str) -> type[Patch]:
@@ -183,32 +215,14 @@ def get_patch(name: str) -> type[Patch]:
     return PATCHES[name]
 
 
-def format_validation_error(prefix: str, err: ValidationError, fields: list[str]) -> str:
-    """One line naming every invalid field, with a did-you-mean for unknown keys."""
-    parts = []
-    for e in err.errors():
-        where = ".".join(str(p) for p in e["loc"])
-        message = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            parts.append(f"unknown parameter '{where}'{did_you_mean(str(e['loc'][-1]), fields)}")
-        elif not where:  # a check across fields: the message says which
-            parts.append(message)
-        else:
-            got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], dict) else ""
-            parts.append(f"{where}: {message}{got}")
-    return f"{prefix}: " + "; ".join(parts)
-
-
 def construct(cls: type[BaseModel], prefix: str, params: dict[str, Any], rename: dict[str, str] | None = None) -> Any:
     """`cls(**params)` with every validation error as one `InvalidParams` line; `rename` maps field
     names to what the user typed (`factor` -> `--factor`)."""
     try:
         return cls(**params)
     except ValidationError as err:
-        message = format_validation_error(prefix, err, list(cls.model_fields))
-        for name, shown in (rename or {}).items():
-            message = message.replace(f" {name}:", f" {shown}:")
-        raise InvalidParams(message) from None
+        problems = validation_problems(err, list(cls.model_fields), rename=rename)
+        raise InvalidParams(f"{prefix}: " + "; ".join(problems)) from None
 
 
 def make_patch(name: str, **params: Any) -> Patch:

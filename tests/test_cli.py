@@ -124,7 +124,7 @@ def test_existing_output_is_refused_then_replaced_with_force(saved_tiny, tmp_pat
         (["apply", "yran", "--factor", "2", "MODEL"], "unknown patch 'yran'; did you mean 'yarn'?"),
         (["apply", "yarn", "--factor", "0.5", "MODEL"], "--factor: Input should be greater than or equal to 1"),
         (["apply", "yarn", "--factor", "abc", "MODEL"], "'abc' is not a valid float"),
-        (["apply", "yarn", "MODEL"], "--factor: Field required"),
+        (["apply", "yarn", "MODEL"], "--factor: required"),
         (["apply", "yarn", "--factr", "2", "MODEL"], "No such option '--factr'. Did you mean '--factor'?"),
         (
             ["apply", "yarn", "--factor", "2", "--beta-fast", "1", "--beta-slow", "2", "MODEL"],

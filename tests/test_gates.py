@@ -8,8 +8,9 @@ import pytest
 from click.testing import CliRunner
 
 from surgery.cli import main
+from surgery.errors import GateError
 from surgery.evaluate.base import EvalResult
-from surgery.evaluate.gates import GateError, evaluate_gates, parse_gate
+from surgery.evaluate.gates import evaluate_gates, parse_gate
 from surgery.evaluate.report import Report
 
 BEFORE = {"perplexity.ppl@2048": 10.0, "needle.acc@4096": 0.9, "harness.cloze.acc": 0.50, "harness.lambada.acc": 0.40}

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import surgery
+from surgery.data import token_blocks
 from surgery.errors import UnsupportedModel
 from surgery.evaluate import make_eval
 from surgery.evaluate.cache import cache_bytes
-from surgery.evaluate.text import token_blocks
 from surgery.info import inspect
 from surgery.patches.gqa import attention_modules, pool_heads, rebuild
-from surgery.patches.gqa_align import align_heads
+from surgery.patches.gqa_align import merge_heads, rotated_heads
 from tests.conftest import char_tokenizer, logits, tiny_model, tokens
 
 
@@ -82,7 +82,9 @@ def test_alignment_rotations_preserve_the_function(arch):
     before = logits(model, ids)
     patch = surgery.make_patch("gqa", num_kv_heads=1, method="aligned", calibration_tokens=64)
     modules = attention_modules(model)
-    states = align_heads(model, modules, patch, char_tokenizer(), pool=False)
+    states = {
+        name: merge_heads(heads) for name, heads in rotated_heads(model, modules, patch, char_tokenizer()).items()
+    }
     assert not torch.equal(states[modules[0][0]]["o_proj.weight"], modules[0][1].state_dict()["o_proj.weight"])
     for name, module in modules:
         module.load_state_dict(states[name])

@@ -201,7 +201,7 @@ CASES: dict[str, tuple[str, Case]] = {
     "factor 1e300": ("less than or equal to 1024", lambda w: ["apply", "ntk", "--factor", "1e300", w.src]),
     "factor negative": ("greater than or equal to 1", lambda w: ["apply", "linear", "--factor", "-3", w.src]),
     "factor text": ("is not a valid float", lambda w: ["apply", "yarn", "--factor", "lots", w.src]),
-    "factor missing": ("--factor: Field required", lambda w: ["apply", "yarn", w.src]),
+    "factor missing": ("--factor: required", lambda w: ["apply", "yarn", w.src]),
     "beta overflow": ("--beta-fast", lambda w: [*APPLY, "--beta-fast", "1e999", w.src]),
     "llama3 freq inf": (
         "finite number",

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 import surgery
+from surgery.arch import kv_cache_bytes
 from surgery.errors import SurgeryError
 from surgery.info import inspect, parse_length
-from surgery.models import kv_cache_bytes
 from tests.conftest import tiny_config
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import surgery
+from surgery.data import is_heldout, load_text, pydoc_text
 from surgery.errors import InvalidParams, SurgeryError
 from surgery.evaluate import make_eval
 from surgery.evaluate.perplexity import token_losses
-from surgery.evaluate.text import is_heldout, load_text, pydoc_text
 from tests.conftest import char_tokenizer, tiny_model
 
 

@@ -20,9 +20,10 @@ from transformers import AutoModelForCausalLM
 
 import surgery
 from surgery.cli import main
+from surgery.errors import RecipeError
 from surgery.recipes import load_recipe, validate_data
 from surgery.recipes import runner as runner_module
-from surgery.recipes.schema import RecipeError
+from surgery.recipes.report import labelled
 from tests.conftest import char_tokenizer, tiny_model
 
 ROOT = Path(__file__).parent.parent
@@ -38,8 +39,12 @@ def test_shipped_recipes_validate_and_round_trip(path):
     assert [s.label for s in again.compiled] == [s.label for s in recipe.compiled]
 
 
-def test_there_are_enough_bad_recipes():
-    assert len(BAD) >= 25 and len(RECIPES) >= 6
+def test_every_bad_recipe_states_what_it_expects():
+    """Each malformed fixture names the message it must produce, and the messages differ: 25+
+    distinct mistakes, not one mistake 25 times."""
+    expected = [p.read_text().splitlines()[0].removeprefix("# expect: ") for p in BAD]
+    assert all(not e.startswith("#") and e for e in expected)
+    assert len(set(expected)) == len(BAD) >= 25
 
 
 @pytest.mark.parametrize("path", BAD, ids=lambda p: p.stem)
@@ -134,6 +139,13 @@ def test_recipe_runs_end_to_end(tiny_dir, tmp_path, monkeypatch):
     report = (tmp_path / "run" / "report.md").read_text()
     assert "perplexity.ppl@64" in report and (tmp_path / "run" / "loss.png").is_file()
     assert not (tmp_path / "run.partial").exists()
+    # plots name what each curve shows, not a step number
+    assert list(state.labels.values()) == [
+        "before",
+        "after gqa → 1 kv head (mean)",
+        "after gqa → 1 kv head (mean), full heal",
+    ]
+    assert list(labelled(recipe, state)) == list(state.labels.values())
 
     saved = tmp_path / "saved"
     assert yaml.safe_load((saved / "recipe.yaml").read_text())["steps"][1] == {"patch": "gqa", "num_kv_heads": 1}

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 import surgery
 from surgery.errors import UnsupportedModel
 from surgery.patch import PATCHES
-from tests.conftest import ARCHS, char_tokenizer, logits, tiny_model, tokens
+from tests.conftest import ARCHS, char_tokenizer, logits, tiny_config, tiny_model, tokens
 
 # (patch, arch) pairs that must be refused, with the reason the refusal must give
 REFUSED = {("dynamic-ntk", "phi3"): "cannot persist"}
@@ -59,3 +59,69 @@ def test_example_applies_and_persists(name, example, arch, tmp_path):
     generated = model.generate(prompt, max_new_tokens=6, do_sample=False)
     assert generated.shape == (1, 14)
     assert torch.equal(generated, reloaded.generate(prompt, max_new_tokens=6, do_sample=False))
+
+
+def on_disk(cls, example: dict) -> bool:
+    """Config-only patches, and streamable ones whose parameters need no forward (dry_run is itself)."""
+    return cls.config_only or (cls.streamable and cls(**example).dry_run() == cls(**example))
+
+
+DISK_CASES = [
+    (name, i, arch)
+    for name in sorted(PATCHES)
+    for i, example in enumerate(PATCHES[name].examples)
+    if on_disk(PATCHES[name], example)
+    for arch in sorted(ARCHS)
+    if tiny_config(arch).model_type in PATCHES[name].architectures and (name, arch) not in REFUSED
+]
+
+
+@pytest.mark.parametrize("name, example, arch", DISK_CASES)
+def test_checkpoint_routes_equal_the_in_memory_patch(name, example, arch, tmp_path):
+    """A config-only patch applied to a checkpoint on disk (no weights read), and a streamable one
+    converted tensor by tensor, give what the in-memory patch gives: same config, same tensors."""
+    from safetensors.torch import load_file
+
+    from surgery.hub import apply_config_only
+    from surgery.streaming import apply_streaming
+
+    cls = PATCHES[name]
+    patch = cls(**cls.examples[example])
+    src = tmp_path / "src"
+    tiny_model(arch).save_pretrained(src)
+    loaded, _ = surgery.load_model(str(src))
+    surgery.apply(loaded, patch, tokenizer=char_tokenizer())
+    surgery.save(loaded, None, tmp_path / "memory")
+    route = apply_config_only if cls.config_only else apply_streaming
+    route(patch, src, tmp_path / "disk")
+
+    def config(directory):
+        saved = AutoModelForCausalLM.from_pretrained(directory).config.to_dict()
+        return {k: v for k, v in saved.items() if k not in ("surgery", "_name_or_path", "transformers_version")}
+
+    assert config(tmp_path / "disk") == config(tmp_path / "memory")
+    disk, memory = (
+        load_file(tmp_path / "disk" / "model.safetensors"),
+        load_file(tmp_path / "memory" / "model.safetensors"),
+    )
+    assert disk.keys() == memory.keys() and all(torch.equal(disk[k], memory[k]) for k in disk)
+    records = [r["params"] for r in AutoModelForCausalLM.from_pretrained(tmp_path / "disk").config.surgery]
+    assert records == [patch.model_dump(mode="json")]
+
+
+def test_a_patch_that_cannot_prove_its_effect_does_not_register():
+    from surgery.patch import Patch, register
+
+    class Unverified(Patch):
+        """Changes something and proves nothing."""
+
+        name = "unverified"
+        architectures = ("llama",)
+        examples = [{}]
+
+        def rewrite(self, model, ctx):
+            return []
+
+    with pytest.raises(TypeError, match="must implement rewrite and verify"):
+        register(Unverified)
+    assert "unverified" not in PATCHES

@@ -236,7 +236,7 @@ def test_verification_catches_a_rewrite_that_did_nothing(monkeypatch):
         ("yarn", {"factor": 0.5}, "greater than or equal to 1"),
         ("yarn", {"factor": 2, "beta_fast": 1, "beta_slow": 2}, "beta_fast (1) must be greater than beta_slow (2)"),
         ("yarn", {"factr": 2}, "did you mean 'factor'"),
-        ("yarn", {}, "factor: Field required"),
+        ("yarn", {}, "factor: required"),
         ("llama3", {"factor": 8, "low_freq_factor": 4, "high_freq_factor": 1}, "high_freq_factor"),
         ("linear", {"factor": 2, "apply_to": "sliding"}, "apply_to"),
         ("ntk", {"factor": "lots"}, "valid number"),

@@ -12,8 +12,8 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import surgery
+from surgery.arch import layer_windows
 from surgery.errors import InvalidParams, UnsupportedModel
-from surgery.models import layer_windows
 from surgery.patch import make_patch
 from surgery.patches.sliding_window import RUNTIME_IMPL, band
 from tests.conftest import tiny_model, tokens

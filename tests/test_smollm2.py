@@ -61,8 +61,8 @@ def test_kv_int8_greedy_matches_and_perplexity_deltas(smollm2):
     and 2% (4-bit)."""
     import copy
 
+    from surgery.data import load_text, token_stream
     from surgery.evaluate import make_eval
-    from surgery.evaluate.text import load_text, token_stream
 
     model, tokenizer = smollm2
     stream = token_stream(tokenizer, load_text("pydoc", "heldout"))

@@ -10,8 +10,8 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from surgery.errors import SurgeryError
-from surgery.patch import construct, did_you_mean
+from surgery.errors import SurgeryError, UnknownEval, did_you_mean
+from surgery.patch import construct
 
 
 class EvalResult(BaseModel):
@@ -30,6 +30,15 @@ class Eval(BaseModel):
     name: ClassVar[str]
     higher_is_better: ClassVar[dict[str, bool]] = {}
     """Per metric prefix (after the eval name): whether larger is better (for reports and gates)."""
+
+    @classmethod
+    def better_when_higher(cls, metric: str) -> bool:
+        """Direction of one of this eval's metrics (`metric` without the eval-name prefix);
+        unknown metrics count as higher-is-better. Evals with open-ended metrics override it."""
+        for prefix, better in cls.higher_is_better.items():
+            if metric.startswith(prefix):
+                return better
+        return True
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> tuple[dict[str, float], dict[str, Any]]:
         """Return (metrics without the eval-name prefix, details)."""
@@ -55,6 +64,14 @@ class Eval(BaseModel):
         )
 
 
+def progress(total: int, desc: str, unit: str) -> Any:
+    """A progress bar with rate and ETA for long evaluations; shown on terminals only (tqdm
+    decides), so logs and tests stay clean."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
+
+
 EVALS: dict[str, type[Eval]] = {}
 
 
@@ -66,7 +83,7 @@ def register(cls: type[Eval]) -> type[Eval]:
 
 def get_eval(name: str) -> type[Eval]:
     if name not in EVALS:
-        raise SurgeryError(f"unknown eval '{name}'{did_you_mean(name, list(EVALS))}")
+        raise UnknownEval(f"unknown eval '{name}'{did_you_mean(name, list(EVALS))}")
     return EVALS[name]
 
 
@@ -78,12 +95,4 @@ def make_eval(name: str, **params: Any) -> Eval:
 def higher_is_better(metric: str) -> bool:
     """Direction of a namespaced metric; unknown metrics count as higher-is-better."""
     name, _, rest = metric.partition(".")
-    if name == "harness":
-        from surgery.evaluate.harness import LOWER_IS_BETTER
-
-        return rest.rpartition(".")[2].split("_stderr")[0] not in LOWER_IS_BETTER
-    table = EVALS[name].higher_is_better if name in EVALS else {}
-    for prefix, better in table.items():
-        if rest.startswith(prefix):
-            return better
-    return True
+    return EVALS[name].better_when_higher(rest) if name in EVALS else True

@@ -16,11 +16,9 @@ def make_cache(model: torch.nn.Module):
     quantized cache, else a dynamic one."""
     from transformers import DynamicCache, QuantizedCache
 
-    from surgery.patches.kv_cache import runtime_cache
-
-    cache = runtime_cache(model)
-    if cache is not None:
-        return cache
+    spec = getattr(model, "surgery_kv_cache", None)  # set by the kv-quant patch: anything with make_cache
+    if spec is not None:
+        return spec.make_cache(model)
     gen = getattr(model, "generation_config", None)
     if gen is not None and getattr(gen, "cache_implementation", None) == "quantized":
         return QuantizedCache(config=model.config, **dict(gen.cache_config or {}))

@@ -16,9 +16,8 @@ import re
 
 from pydantic import BaseModel
 
-from surgery.errors import SurgeryError
+from surgery.errors import GateError, did_you_mean
 from surgery.evaluate.base import higher_is_better
-from surgery.patch import did_you_mean
 
 RULES = ("min", "max", "max_increase", "max_decrease", "min_recovery")
 NEEDS_BEFORE = {"max_increase", "max_decrease", "min_recovery"}
@@ -47,10 +46,6 @@ class GateOutcome(BaseModel):
     after: float
     passed: bool
     message: str
-
-
-class GateError(SurgeryError):
-    pass
 
 
 def parse_gate(text: str) -> Gate:

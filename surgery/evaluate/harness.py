@@ -17,9 +17,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, field_validator
 
+from surgery.data import pydoc_topics_split
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, register
-from surgery.evaluate.text import pydoc_topics_split
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,11 @@ class Harness(Eval):
     """lm-evaluation-harness tasks on the in-memory model (offline tasks ship with surgery)."""
 
     name: ClassVar[str] = "harness"
-    higher_is_better: ClassVar[dict[str, bool]] = {}  # decided per metric name, see higher_is_better()
+
+    @classmethod
+    def better_when_higher(cls, metric: str) -> bool:
+        """`TASK.METRIC[_stderr]`: perplexities and bits per byte are better lower, the rest higher."""
+        return metric.rpartition(".")[2].split("_stderr")[0] not in LOWER_IS_BETTER
 
     tasks: list[str] = Field(
         list(OFFLINE_TASKS), description="lm-eval task names; surgery_cloze and surgery_rolling need no network"

@@ -15,9 +15,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, field_validator
 
+from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError
-from surgery.evaluate.base import Eval, register
-from surgery.evaluate.text import TextSource, load_text, token_stream
+from surgery.evaluate.base import Eval, progress, register
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ class Needle(Eval):
         cells = self.cells()
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         answers: list[str] = []
+        bar = progress(len(cells), "needle", "prompt")
         for length in self.lengths:
             group = [c for c in cells if c[0] == length]
             for s in range(0, len(group), self.batch):
@@ -115,6 +116,8 @@ class Needle(Eval):
                     pad_token_id=pad,
                 )
                 answers += tokenizer.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
+                bar.update(len(chunk))
+        bar.close()
         hits = [first_number(a) == k for (_, _, k), a in zip(cells, answers, strict=True)]
         grid: dict[str, dict[str, float]] = {}
         for (n, d, _), hit in zip(cells, hits, strict=True):

@@ -15,10 +15,10 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, field_validator
 
+from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError
-from surgery.evaluate.base import Eval, register
+from surgery.evaluate.base import Eval, progress, register
 from surgery.evaluate.cache import make_cache
-from surgery.evaluate.text import TextSource, load_text, token_stream
 
 log = logging.getLogger(__name__)
 LOGIT_SLICE = 1024  # positions per lm_head call: 1024 x 49k fp32 = 200 MB
@@ -113,10 +113,12 @@ class Perplexity(Eval):
         device = next(model.parameters()).device
         windows = self.windows(tokenizer)
         losses = []
-        for s in range(0, len(windows), self.batch):
-            ids = windows[s : s + self.batch].to(device)
-            log.info("perplexity: %d x %d tokens", ids.shape[0], ids.shape[1])
-            losses.append(token_losses(model, ids, self.chunk).cpu())
+        with progress(len(windows), f"perplexity ({windows.shape[1]} tokens)", "window") as bar:
+            for s in range(0, len(windows), self.batch):
+                ids = windows[s : s + self.batch].to(device)
+                log.info("perplexity: %d x %d tokens", ids.shape[0], ids.shape[1])
+                losses.append(token_losses(model, ids, self.chunk).cpu())
+                bar.update(ids.shape[0])
         loss = torch.cat(losses).double().mean(0)  # (max_len - 1,): loss at position p predicts p+1
         metrics = {f"ppl@{n}": math.exp(loss[: n - 1].mean().item()) for n in self.lengths}
         if self.band:

@@ -83,7 +83,7 @@ def markdown_table(rows: list[Row], outcomes: list[GateOutcome] | None = None) -
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -104,7 +104,7 @@ def _details(reports: dict[str, Report], eval_name: str, key: str) -> dict[str, 
 
 def plot_perplexity(reports: dict[str, Report], path: Path) -> Path | None:
     """Perplexity by position, one line per report, on one figure; None without perplexity data."""
-    plt = _pyplot()
+    plt = pyplot()
     curves = _details(reports, "perplexity", "ppl_by_position")
     if not curves:
         return None
@@ -125,26 +125,33 @@ def plot_perplexity(reports: dict[str, Report], path: Path) -> Path | None:
 
 def plot_needle(reports: dict[str, Report], path: Path) -> Path | None:
     """Accuracy heatmaps (length x depth), one panel per report; None without needle data."""
-    plt = _pyplot()
+    plt = pyplot()
     grids = _details(reports, "needle", "grid")
     if not grids:
         return None
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.5 * len(grids), 3.5), squeeze=False)
-    for ax, (label, grid) in zip(axes[0], grids.items(), strict=True):
+    # constrained layout keeps titles, labels and the colour bar apart; cividis reads the same
+    # to colour-blind eyes and in greyscale, and each cell's text takes the contrasting colour
+    fig, axes = plt.subplots(
+        1, len(grids), figsize=(4.2 * len(grids) + 1, 3.6), squeeze=False, sharey=True, layout="constrained"
+    )
+    cmap = plt.get_cmap("cividis")
+    for k, (ax, (label, grid)) in enumerate(zip(axes[0], grids.items(), strict=True)):
         lengths = sorted(grid, key=int)
         depths = sorted({d for row in grid.values() for d in row}, key=float)
         values = [[grid[n].get(d, float("nan")) for d in depths] for n in lengths]
-        image = ax.imshow(values, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+        image = ax.imshow(values, vmin=0, vmax=1, cmap=cmap, aspect="auto")
         ax.set_xticks(range(len(depths)), [f"{float(d):.0%}" for d in depths])
         ax.set_yticks(range(len(lengths)), lengths)
         for i, row in enumerate(values):
             for j, v in enumerate(row):
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8)
+                color = "white" if v == v and v < 0.55 else "black"  # dark cells (low accuracy) get white text
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color=color)
         ax.set_xlabel("needle depth")
-        ax.set_ylabel("context length")
+        if k == 0:
+            ax.set_ylabel("context length (tokens)")
         ax.set_title(label, fontsize=9)
-    fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy")
-    fig.savefig(path, dpi=120, bbox_inches="tight")
+    fig.colorbar(image, ax=axes[0].tolist(), label="passkey accuracy", shrink=0.9)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 

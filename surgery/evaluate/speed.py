@@ -13,10 +13,10 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field
 
+from surgery.arch import kv_cache_bytes
+from surgery.data import TextSource, load_text, token_stream
 from surgery.evaluate.base import Eval, register
 from surgery.evaluate.cache import cache_bytes, make_cache
-from surgery.evaluate.text import TextSource, load_text, token_stream
-from surgery.models import kv_cache_bytes
 
 
 @register
@@ -66,4 +66,5 @@ class Speed(Eval):
             f"kv_bytes@{tokens}": measured,
             "kv_bytes_ratio": measured / formula,
         }
-        return metrics, {"kv_bytes_formula": formula, "cache": type(cache).__name__, "tokens": tokens}
+        details = {"prefill_s": prefill, "decode_s": decode}
+        return metrics, {"kv_bytes_formula": formula, "cache": type(cache).__name__, "tokens": tokens, **details}

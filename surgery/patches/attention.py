@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
-from surgery.patch import Patch, Snapshot, register
+from surgery.patch import Context, Patch, Snapshot, history, register
 
 IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")
 PACKAGES = {
@@ -61,29 +61,21 @@ class Attention(Patch):
             raise UnsupportedModel(
                 f"attention --impl {self.impl} {missing}; sdpa, eager and flex_attention run anywhere"
             )
-        if (
-            model.config.model_type not in self.architectures
-            and model.config.get_text_config().model_type not in self.architectures
-        ):
-            raise UnsupportedModel(
-                f"{self.name} supports model types {', '.join(self.architectures)}; got '{model.config.model_type}'"
-            )
 
-    def rewrite(self, model: torch.nn.Module) -> list[str]:
+    def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
         before = model.config._attn_implementation
         model.set_attn_implementation(self.impl)
         return [f"attention: {before} -> {self.impl}"]
 
-    def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
+    def verify(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> None:
         configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
         wrong = [c._attn_implementation for c in configs.values() if c._attn_implementation != self.impl]
         if wrong:
             raise PatchDidNotTakeEffect(f"attention implementation still {wrong[0]} somewhere in the model")
 
-
-def persisted_impl(config: Any) -> str | None:
-    """The backend the last `attention` record asked for, to write into config.json."""
-    from surgery.patch import history
-
-    chosen = [r["params"]["impl"] for r in history(config) if r["name"] == Attention.name]
-    return chosen[-1] if chosen else None
+    @classmethod
+    def saved_config(cls, config: Any) -> dict[str, Any]:
+        """The backend the last `attention` record asked for: honoured by from_pretrained, never
+        written by save_pretrained."""
+        chosen = [r["params"]["impl"] for r in history(config) if r["name"] == cls.name]
+        return {"attn_implementation": chosen[-1]} if chosen else {}

@@ -22,10 +22,10 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+from surgery.arch import head_dim, kv_heads, text_config
+from surgery.data import TextSource
 from surgery.errors import PatchDidNotTakeEffect, SurgeryError, UnsupportedModel
-from surgery.evaluate.text import TextSource
-from surgery.models import head_dim, kv_heads, text_config
-from surgery.patch import Patch, Snapshot, register
+from surgery.patch import Context, Patch, Snapshot, register
 
 log = logging.getLogger(__name__)
 
@@ -119,10 +119,6 @@ class GQA(Patch):
 
     def check(self, model: torch.nn.Module) -> None:
         config = text_config(model.config)
-        if config.model_type not in self.architectures:
-            raise UnsupportedModel(
-                f"{self.name} supports model types {', '.join(self.architectures)}; got '{config.model_type}'"
-            )
         n_kv = kv_heads(config)
         if n_kv % self.num_kv_heads:
             possible = [d for d in range(1, n_kv + 1) if n_kv % d == 0]
@@ -133,7 +129,7 @@ class GQA(Patch):
         if not attention_modules(model):
             raise UnsupportedModel(f"{self.name}: found no self_attn modules with k/v projections")
 
-    def rewrite(self, model: torch.nn.Module) -> list[str]:
+    def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
         config = text_config(model.config)
         n_q, n_kv, dim = config.num_attention_heads, kv_heads(config), head_dim(config)
         if self.num_kv_heads == n_kv:
@@ -142,7 +138,7 @@ class GQA(Patch):
         if self.method != "mean":
             from surgery.patches.gqa_align import align_heads
 
-            tokenizer = self.tokenizer_for(model)
+            tokenizer = self.tokenizer_for(model, ctx)
             pooled = align_heads(model, modules, self, tokenizer)
         else:
             pooled = {
@@ -164,7 +160,7 @@ class GQA(Patch):
             notes += fit_attention(model, attention_modules(model), teachers, self, tokenizer)
         return notes
 
-    def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
+    def verify(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> None:
         config = text_config(model.config)
         dim, n_q = head_dim(config), config.num_attention_heads
         for name, module in attention_modules(model):
@@ -187,12 +183,15 @@ class GQA(Patch):
         n_q, n_kv, dim = config.num_attention_heads, kv_heads(config), head_dim(config)
         return lambda name, tensor: pool_tensor(name, tensor, n_q, n_kv, dim, self.num_kv_heads)
 
+    def short(self) -> str:
+        return f"{self.name} → {self.num_kv_heads} kv head{'s' if self.num_kv_heads > 1 else ''} ({self.method})"
+
     def dry_run(self) -> GQA:
         return self.model_copy(update={"method": "mean"})  # same shapes; aligned and fitted need forwards
 
-    def tokenizer_for(self, model: torch.nn.Module) -> Any:
-        if self._tokenizer is not None:
-            return self._tokenizer
+    def tokenizer_for(self, model: torch.nn.Module, ctx: Context) -> Any:
+        if ctx.tokenizer is not None:
+            return ctx.tokenizer
         from transformers import AutoTokenizer
 
         try:

@@ -17,13 +17,14 @@ value least squares another ~35%."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 import torch
 
-from surgery.evaluate.text import load_text, token_stream
-from surgery.models import head_dim, kv_heads, text_config
+from surgery.arch import head_dim, kv_heads, text_config
+from surgery.data import load_text, token_stream
 
 log = logging.getLogger(__name__)
 
@@ -93,75 +94,133 @@ def output_weighted_pool(v_w: torch.Tensor, v_b: torch.Tensor | None, o_w: torch
     return torch.stack(weights), (torch.stack(biases) if v_b is not None else None)
 
 
-def align_heads(
-    model: torch.nn.Module, modules: list[tuple[str, torch.nn.Module]], patch: Any, tokenizer: Any, pool: bool = True
-) -> dict[str, dict[str, torch.Tensor]]:
-    """State dicts of every attention module with heads rotated onto their group's first head and,
-    with `pool`, already pooled: keys averaged, values by `output_weighted_pool`."""
+@dataclasses.dataclass
+class Heads:
+    """One attention module's projections split per head, in float32: q (n_q, dim, in),
+    k and v (n_kv, dim, in), o (hidden, n_q, dim), biases (heads, dim) or None."""
+
+    state: dict[str, torch.Tensor]  # the module's state dict, for the keys this does not touch
+    q_w: torch.Tensor
+    k_w: torch.Tensor
+    v_w: torch.Tensor
+    o_w: torch.Tensor
+    q_b: torch.Tensor | None
+    k_b: torch.Tensor | None
+    v_b: torch.Tensor | None
+
+
+def split_heads(module: torch.nn.Module, n_q: int, n_kv: int, dim: int) -> Heads:
+    state = {k: t.detach().clone() for k, t in module.state_dict().items()}
+    if "qkv_proj.weight" in state:  # fused q|k|v (Phi3)
+        q_w, k_w, v_w = state["qkv_proj.weight"].float().split([n_q * dim, n_kv * dim, n_kv * dim])
+    else:
+        q_w, k_w, v_w = (state[f"{p}_proj.weight"].float() for p in "qkv")
+    o_w = state["o_proj.weight"].float()
+
+    def bias(key: str, heads: int) -> torch.Tensor | None:
+        return state[key].float().view(heads, dim).clone() if key in state else None
+
+    return Heads(
+        state=state,
+        q_w=q_w.reshape(n_q, dim, -1).clone(),
+        k_w=k_w.reshape(n_kv, dim, -1).clone(),
+        v_w=v_w.reshape(n_kv, dim, -1).clone(),
+        o_w=o_w.reshape(o_w.shape[0], n_q, dim).clone(),
+        q_b=bias("q_proj.bias", n_q),
+        k_b=bias("k_proj.bias", n_kv),
+        v_b=bias("v_proj.bias", n_kv),
+    )
+
+
+def rotate_onto_group(heads: Heads, x: torch.Tensor, group: int, per_kv: int, rot: int, keys_too: bool) -> None:
+    """Rotate every kv head onto its group's first head, in place, without changing the module's
+    function: values by a Procrustes map absorbed into o_proj, keys (unless per-head norms forbid
+    it) by one rotation per RoPE plane absorbed into the queries that read them. `x` (tokens, hidden)."""
+    h_ = heads
+    for h in range(h_.k_w.shape[0]):
+        ref = h - h % group
+        if h == ref:
+            continue
+        readers = range(h * per_kv, (h + 1) * per_kv)  # query heads that read kv head h
+        v_h = x @ h_.v_w[h].T + (h_.v_b[h] if h_.v_b is not None else 0)
+        v_ref = x @ h_.v_w[ref].T + (h_.v_b[ref] if h_.v_b is not None else 0)
+        r = procrustes(v_h, v_ref)  # (dim, dim)
+        h_.v_w[h] = r.T @ h_.v_w[h]
+        if h_.v_b is not None:
+            h_.v_b[h] = r.T @ h_.v_b[h]
+        for i in readers:
+            h_.o_w[:, i] = h_.o_w[:, i] @ r
+        if not keys_too:
+            continue
+        k_h = x @ h_.k_w[h].T + (h_.k_b[h] if h_.k_b is not None else 0)
+        k_ref = x @ h_.k_w[ref].T + (h_.k_b[ref] if h_.k_b is not None else 0)
+        angles = plane_rotations(k_h, k_ref, rot)
+        h_.k_w[h] = rotate_planes(h_.k_w[h], angles, rot)
+        if h_.k_b is not None:
+            h_.k_b[h] = rotate_planes(h_.k_b[h], angles, rot)
+        for i in readers:
+            h_.q_w[i] = rotate_planes(h_.q_w[i], angles, rot)
+            if h_.q_b is not None:
+                h_.q_b[i] = rotate_planes(h_.q_b[i], angles, rot)
+
+
+def pool_groups(heads: Heads, group: int, per_kv: int) -> None:
+    """Pool each group of aligned kv heads into one, in place: keys averaged, values by
+    `output_weighted_pool`."""
+    n_kv, dim = heads.k_w.shape[:2]
+    heads.k_w = heads.k_w.view(n_kv // group, group, dim, -1).mean(1)
+    heads.k_b = heads.k_b.view(n_kv // group, group, dim).mean(1) if heads.k_b is not None else None
+    heads.v_w, heads.v_b = output_weighted_pool(heads.v_w, heads.v_b, heads.o_w, group, per_kv)
+
+
+def merge_heads(heads: Heads) -> dict[str, torch.Tensor]:
+    """The module's state dict with the (rotated, maybe pooled) heads written back in its dtype."""
+    state = dict(heads.state)
+    dtype = state["o_proj.weight"].dtype
+
+    def flat(t: torch.Tensor) -> torch.Tensor:  # (heads, dim, in) -> rows
+        return t.reshape(-1, *t.shape[2:]).to(dtype)
+
+    if "qkv_proj.weight" in state:
+        state["qkv_proj.weight"] = torch.cat([flat(heads.q_w), flat(heads.k_w), flat(heads.v_w)])
+    else:
+        state["q_proj.weight"], state["k_proj.weight"], state["v_proj.weight"] = map(
+            flat, (heads.q_w, heads.k_w, heads.v_w)
+        )
+    for key, bias in (("q_proj.bias", heads.q_b), ("k_proj.bias", heads.k_b), ("v_proj.bias", heads.v_b)):
+        if bias is not None:
+            state[key] = bias.reshape(-1).to(dtype)
+    state["o_proj.weight"] = heads.o_w.reshape(heads.o_w.shape[0], -1).to(dtype)
+    return state
+
+
+def rotated_heads(
+    model: torch.nn.Module, modules: list[tuple[str, torch.nn.Module]], patch: Any, tokenizer: Any
+) -> dict[str, Heads]:
+    """Every attention module's heads rotated onto their group's first head (function unchanged)."""
     config = text_config(model.config)
     n_q, n_kv, dim = config.num_attention_heads, kv_heads(config), head_dim(config)
     rope = config.rope_parameters if "rope_type" in (config.rope_parameters or {}) else {}
     rot = int(dim * rope.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0) or 1.0))
-    group, per_kv = n_kv // patch.num_kv_heads, n_q // n_kv
+    group = n_kv // patch.num_kv_heads
     inputs = calibration_inputs(model, modules, tokenizer, patch.calibration_text, patch.calibration_tokens)
-    states = {}
+    out = {}
     for name, module in modules:
-        state = {k: t.detach().clone() for k, t in module.state_dict().items()}
-        fused = "qkv_proj.weight" in state
-        if fused:
-            q_w, k_w, v_w = state["qkv_proj.weight"].float().split([n_q * dim, n_kv * dim, n_kv * dim])
-        else:
-            q_w, k_w, v_w = (state[f"{p}_proj.weight"].float() for p in "qkv")
-        q_b = state.get("q_proj.bias")
-        k_b, v_b = state.get("k_proj.bias"), state.get("v_proj.bias")
-        o_w = state["o_proj.weight"].float()  # (hidden, n_q*dim)
-        x = inputs[name]  # (tokens, hidden)
-        q_w, k_w, v_w = q_w.view(n_q, dim, -1).clone(), k_w.view(n_kv, dim, -1).clone(), v_w.view(n_kv, dim, -1).clone()
-        q_b = q_b.float().view(n_q, dim).clone() if q_b is not None else None
-        k_b = k_b.float().view(n_kv, dim).clone() if k_b is not None else None
-        v_b = v_b.float().view(n_kv, dim).clone() if v_b is not None else None
-        o_w = o_w.view(o_w.shape[0], n_q, dim).clone()
-        keys_too = not hasattr(module, "k_norm")
-        for h in range(n_kv):
-            ref = h - h % group
-            if h == ref:
-                continue
-            readers = range(h * per_kv, (h + 1) * per_kv)  # query heads that read kv head h
-            v_h = x @ v_w[h].T + (v_b[h] if v_b is not None else 0)
-            v_ref = x @ v_w[ref].T + (v_b[ref] if v_b is not None else 0)
-            r = procrustes(v_h, v_ref)  # (dim, dim)
-            v_w[h] = r.T @ v_w[h]
-            if v_b is not None:
-                v_b[h] = r.T @ v_b[h]
-            for i in readers:
-                o_w[:, i] = o_w[:, i] @ r
-            if keys_too:
-                k_h = x @ k_w[h].T + (k_b[h] if k_b is not None else 0)
-                k_ref = x @ k_w[ref].T + (k_b[ref] if k_b is not None else 0)
-                angles = plane_rotations(k_h, k_ref, rot)
-                k_w[h] = rotate_planes(k_w[h], angles, rot)
-                if k_b is not None:
-                    k_b[h] = rotate_planes(k_b[h], angles, rot)
-                for i in readers:
-                    q_w[i] = rotate_planes(q_w[i], angles, rot)
-                    if q_b is not None:
-                        q_b[i] = rotate_planes(q_b[i], angles, rot)
-        if pool:
-            k_w = k_w.view(n_kv // group, group, dim, -1).mean(1)
-            k_b = k_b.view(n_kv // group, group, dim).mean(1) if k_b is not None else None
-            v_w, v_b = output_weighted_pool(v_w, v_b, o_w, group, per_kv)
-        dtype = state["o_proj.weight"].dtype
+        heads = split_heads(module, n_q, n_kv, dim)
+        rotate_onto_group(heads, inputs[name], group, n_q // n_kv, rot, keys_too=not hasattr(module, "k_norm"))
+        out[name] = heads
+    return out
 
-        def flat(t: torch.Tensor, dtype: torch.dtype = dtype) -> torch.Tensor:  # (heads, dim, in) -> rows
-            return t.reshape(-1, *t.shape[2:]).to(dtype)
 
-        if fused:
-            state["qkv_proj.weight"] = torch.cat([flat(q_w), flat(k_w), flat(v_w)])
-        else:
-            state["q_proj.weight"], state["k_proj.weight"], state["v_proj.weight"] = flat(q_w), flat(k_w), flat(v_w)
-        for key, bias in (("q_proj.bias", q_b), ("k_proj.bias", k_b), ("v_proj.bias", v_b)):
-            if bias is not None:
-                state[key] = bias.reshape(-1).to(dtype)
-        state["o_proj.weight"] = o_w.reshape(o_w.shape[0], -1).to(dtype)
-        states[name] = state
+def align_heads(
+    model: torch.nn.Module, modules: list[tuple[str, torch.nn.Module]], patch: Any, tokenizer: Any
+) -> dict[str, dict[str, torch.Tensor]]:
+    """State dicts of every attention module with heads rotated onto their group's first head, then
+    pooled: keys averaged, values by `output_weighted_pool`."""
+    config = text_config(model.config)
+    n_q, n_kv = config.num_attention_heads, kv_heads(config)
+    states = {}
+    for name, heads in rotated_heads(model, modules, patch, tokenizer).items():
+        pool_groups(heads, n_kv // patch.num_kv_heads, n_q // n_kv)
+        states[name] = merge_heads(heads)
     return states

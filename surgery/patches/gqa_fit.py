@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from surgery.evaluate.text import token_blocks
+from surgery.data import token_blocks
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,9 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import Field, model_validator
 
+from surgery.arch import head_dim, layer_windows, text_config
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
-from surgery.models import layer_windows, text_config
-from surgery.patch import Patch, Persist, Snapshot, register
+from surgery.patch import Context, Patch, Persist, Snapshot, register
 
 SCALE_DTYPE = torch.float16
 
@@ -204,23 +204,20 @@ class KVQuant(Patch):
     def residual_tokens(self) -> int:
         return self.residual or 128
 
+    def short(self) -> str:
+        return f"{self.name} {'fp8' if self.method == 'fp8' else f'int{self.bits}'}"
+
     def persistence(self, model: torch.nn.Module) -> Persist:
         return "config" if self.method == "fp8" else "runtime"
 
     def check(self, model: torch.nn.Module) -> None:
         config = text_config(model.config)
-        if config.model_type not in self.architectures:
-            raise UnsupportedModel(
-                f"{self.name} supports model types {', '.join(self.architectures)}; got '{config.model_type}'"
-            )
         if any(layer_windows(config)):
             raise UnsupportedModel(
                 f"{self.name}: this model has sliding-window layers, whose cache drops old tokens; quantized caches "
                 "(transformers' included) keep every token, so they cannot run it. Quantize a full-attention model"
             )
         if self.method == "int":
-            from surgery.models import head_dim
-
             dim = head_dim(config)
             if dim % self.group or dim % (8 // self.bits):
                 raise UnsupportedModel(
@@ -237,7 +234,7 @@ class KVQuant(Patch):
         n = text_config(model.config).num_hidden_layers
         return Cache(layers=[KIVILayer(self.bits, self.group, self.residual_tokens) for _ in range(n)])
 
-    def rewrite(self, model: torch.nn.Module) -> list[str]:
+    def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
         gen = model.generation_config
         if self.method == "fp8":
             gen.cache_implementation, gen.cache_config = "quantized", {"backend": "fp8"}
@@ -252,14 +249,14 @@ class KVQuant(Patch):
             f"last {self.residual_tokens} tokens exact (re-attached by surgery.load_model)"
         ]
 
-    def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
+    def verify(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> None:
         cache = self.make_cache(model)
         layer = cache.layers[0]
         ok = isinstance(layer, KIVILayer) if self.method == "int" else type(layer).__name__ == "Fp8QuantizedLayer"
         if not ok or getattr(model, "surgery_kv_cache", None) is not self:
             raise PatchDidNotTakeEffect(f"{self.name}: the model would not build the quantized cache")
 
-    def details(self, model: torch.nn.Module, before: Snapshot) -> dict[str, Any]:
+    def details(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> dict[str, Any]:
         return {"bits": self.bits, "group_size": self.group, "residual": self.residual_tokens}
 
 
@@ -283,9 +280,3 @@ def attach_generate_cache(model: torch.nn.Module) -> None:
 
     model._prepare_cache_for_generation = types.MethodType(prepare, model)
     model._surgery_generate_cache = True
-
-
-def runtime_cache(model: torch.nn.Module):
-    """The quantized cache a kv-quant patch attached to `model`, or None."""
-    spec = getattr(model, "surgery_kv_cache", None)
-    return spec.make_cache(model) if spec is not None else None

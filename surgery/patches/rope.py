@@ -10,120 +10,33 @@ config), so yarn x2 applied twice equals yarn x4 applied once."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, model_validator
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from surgery.arch import head_dim, text_config
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
-from surgery.models import head_dim, text_config
-from surgery.patch import Patch, Snapshot, history, register
-
-ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
-RESCALABLE = {"default", "linear", "dynamic", "yarn", "llama3"}  # rope types we can start from
-GLOBAL = "global"  # slot name when one rope_parameters dict serves every layer
-LONGROPE_ONLY = {"phi3"}  # configs that accept only default/longrope RoPE (Phi3 rewrites "yarn" at load)
-
-
-@dataclass(frozen=True)
-class Origin:
-    """Pretraining RoPE of one slot, and the scaling factor it shipped with."""
-
-    rope_theta: float
-    max_len: int
-    factor: float
-
-
-def rope_slots(config: Any, apply_to: str) -> list[str]:
-    """Which rope_parameters dicts to rescale: GLOBAL, or layer types for nested configs."""
-    params = config.rope_parameters
-    if params and "rope_type" not in params and all(isinstance(v, dict) or v is None for v in params.values()):
-        return [t for t, v in params.items() if v is not None and (apply_to == "all" or t == apply_to)]
-    return [GLOBAL]
-
-
-def slot_params(config: Any, slot: str) -> dict[str, Any]:
-    return dict(config.rope_parameters if slot == GLOBAL else config.rope_parameters[slot])
-
-
-def _rope_records(config: Any) -> list[dict[str, Any]]:
-    return [r for r in history(config) if r["name"] in ROPE_PATCHES]
-
-
-def origin(config: Any, slot: str) -> Origin:
-    """The RoPE the model was pretrained with, so re-scaling never compounds on a scaled length."""
-    records = _rope_records(config)
-    if records and slot in records[0]["details"]["origin"]:
-        return Origin(**records[0]["details"]["origin"][slot])
-    params = slot_params(config, slot)
-    kind = params["rope_type"]
-    factor = float(params.get("factor") or 1.0) if kind != "default" else 1.0
-    max_pos = config.max_position_embeddings
-    pinned = params.get("original_max_position_embeddings") or getattr(config, "original_max_position_embeddings", None)
-    if kind in ("default", "dynamic"):
-        max_len = max_pos  # dynamic keeps max_position_embeddings at the original length
-    elif kind == "linear":
-        max_len = pinned or round(max_pos / factor)
-    else:
-        max_len = pinned or max_pos
-    return Origin(rope_theta=float(params["rope_theta"]), max_len=int(max_len), factor=factor)
-
-
-def current_factor(config: Any, slot: str) -> float:
-    records = _rope_records(config)
-    if records and slot in records[-1]["details"]["total_factor"]:
-        return float(records[-1]["details"]["total_factor"][slot])
-    return origin(config, slot).factor
-
-
-def rotary_modules(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")]
-
-
-def rebuild_rotary(model: torch.nn.Module) -> None:
-    """Replace each rotary module by one built from the (patched) config, on the same device."""
-    for name, module in rotary_modules(model):
-        device = next(iter(module.buffers())).device
-        fresh = type(module)(config=module.config).to(device)  # device only: inv_freq stays fp32
-        parent_name, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, fresh)
-
-
-def _expected(module: torch.nn.Module, slot: str) -> tuple[torch.Tensor, float]:
-    """inv_freq and attention scaling as transformers computes them from the module's config."""
-    layer_type = None if slot == GLOBAL else slot
-    kind = slot_params(module.config, slot)["rope_type"]
-    fn = module.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
-    kwargs = {"layer_type": layer_type} if layer_type else {}
-    return fn(module.config, **kwargs)
-
-
-def as_longrope(config: Any, params: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
-    """Express a static scaling exactly as `longrope` with equal short and long per-frequency
-    factors, for configs that accept nothing else (Phi3). Same inv_freq, same attention scaling."""
-    probe = copy.deepcopy(config)
-    probe.rope_parameters = dict(params)
-    inv_freq, attention = ROPE_INIT_FUNCTIONS[params["rope_type"]](probe)
-    shape = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
-    base = params["rope_theta"] ** shape  # what longrope divides by, computed as it does
-    factors = (1.0 / (inv_freq.double() * base.double())).tolist()
-    out = {k: v for k, v in params.items() if k in ("rope_theta", "partial_rotary_factor", "factor")}
-    return {
-        **out,
-        "rope_type": "longrope",
-        "short_factor": factors,
-        "long_factor": factors,
-        "original_max_position_embeddings": params.get(
-            "original_max_position_embeddings", config.original_max_position_embeddings
-        ),
-        "attention_factor": float(attention),
-    }
-
-
-def _buffer_name(slot: str) -> str:
-    return "inv_freq" if slot == GLOBAL else f"{slot}_inv_freq"
+from surgery.patch import Context, Patch, Snapshot, register
+from surgery.patches.rope_params import (
+    ARCHITECTURES,
+    GLOBAL,
+    LONGROPE_ONLY,
+    RESCALABLE,
+    ROPE_PATCHES,
+    Origin,
+    as_longrope,
+    buffer_name,
+    current_factor,
+    expected_buffers,
+    origin,
+    rebuild_rotary,
+    rope_records,
+    rope_slots,
+    rotary_modules,
+    slot_params,
+)
 
 
 class RopePatch(Patch):
@@ -146,8 +59,8 @@ class RopePatch(Patch):
         description="per-layer-type RoPE models (Gemma3): rescale full-attention layers only, or all",
     )
 
-    _origins: dict[str, Origin] = PrivateAttr(default_factory=dict)
-    _totals: dict[str, float] = PrivateAttr(default_factory=dict)
+    def short(self) -> str:
+        return f"{self.name} ×{self.factor:g}"
 
     def new_params(self, old: dict[str, Any], start: Origin, total: float, rotary_dim: int) -> dict[str, Any]:
         params = {"rope_type": self.rope_type, "rope_theta": start.rope_theta, "factor": total}
@@ -157,10 +70,6 @@ class RopePatch(Patch):
 
     def check(self, model: torch.nn.Module) -> None:
         config = text_config(model.config)
-        if config.model_type not in ARCHITECTURES:
-            raise UnsupportedModel(
-                f"{self.name} supports model types {', '.join(ARCHITECTURES)}; got '{config.model_type}'"
-            )
         if not rotary_modules(model) or not getattr(config, "rope_parameters", None):
             raise UnsupportedModel(f"{self.name}: this model has no rotary embedding to rescale")
         slots = rope_slots(config, self.apply_to)
@@ -173,14 +82,14 @@ class RopePatch(Patch):
             )
         for slot in slots:
             kind = slot_params(config, slot).get("rope_type")
-            ours = kind == "longrope" and _rope_records(config)  # our own longrope encoding
+            ours = kind == "longrope" and rope_records(config)  # our own longrope encoding
             if kind not in RESCALABLE and not ours:
                 raise UnsupportedModel(
                     f"{self.name}: the model's RoPE is '{kind}', which cannot be rescaled; "
                     f"supported starting points: {', '.join(sorted(RESCALABLE))}"
                 )
 
-    def rewrite(self, model: torch.nn.Module) -> list[str]:
+    def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
         config = text_config(model.config)
         rotary_dim = int(
             head_dim(config)
@@ -205,25 +114,25 @@ class RopePatch(Patch):
         if hasattr(config, "original_max_position_embeddings"):  # Phi3 reads it in preference
             config.original_max_position_embeddings = max(o.max_len for o in origins.values())
         rebuild_rotary(model)
-        self._origins, self._totals = origins, totals  # for details()
+        ctx.state.update(origins=origins, totals=totals)  # for details()
         return [
             f"{slot}: {self.rope_type} x{totals[slot]:g} from theta={o.rope_theta:g}, "
             f"original length {o.max_len}; max_position_embeddings={config.max_position_embeddings}"
             for slot, o in origins.items()
         ]
 
-    def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
+    def verify(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> None:
         config = text_config(model.config)
         for name, module in rotary_modules(model):
             for slot in rope_slots(config, self.apply_to):
-                buffer = getattr(module, _buffer_name(slot))
-                inv_freq, scaling = _expected(module, slot)
+                buffer = getattr(module, buffer_name(slot))
+                inv_freq, scaling = expected_buffers(module, slot)
                 got_scaling = getattr(module, "attention_scaling" if slot == GLOBAL else f"{slot}_attention_scaling")
                 if not torch.allclose(buffer.float().cpu(), inv_freq.float(), rtol=1e-6, atol=0):
-                    raise PatchDidNotTakeEffect(f"{name}.{_buffer_name(slot)} does not match the new config")
+                    raise PatchDidNotTakeEffect(f"{name}.{buffer_name(slot)} does not match the new config")
                 if abs(float(got_scaling) - float(scaling)) > 1e-9:
                     raise PatchDidNotTakeEffect(f"{name}: attention scaling {got_scaling} != {scaling}")
-                old = before.buffers.get(f"{name}.{_buffer_name(slot)}")
+                old = before.buffers.get(f"{name}.{buffer_name(slot)}")
                 changed = old is None or not torch.equal(old.cpu(), buffer.cpu()) or float(got_scaling) != 1.0
                 if self.factor != 1 and self.static and not changed:
                     raise PatchDidNotTakeEffect(f"{name}: RoPE buffers unchanged after {self.name}")
@@ -234,26 +143,26 @@ class RopePatch(Patch):
         """Dynamic NTK only changes inv_freq past max_position_embeddings: probe a copy there."""
         probe = copy.deepcopy(module)
         long = 2 * module.config.max_position_embeddings
-        x = torch.zeros(1, 1, 1, device=getattr(probe, _buffer_name(slot)).device)
+        x = torch.zeros(1, 1, 1, device=getattr(probe, buffer_name(slot)).device)
         positions = torch.tensor([[long - 1]], device=x.device)
         args = () if slot == GLOBAL else (slot,)
         probe(x, positions, *args)
         kwargs = {} if slot == GLOBAL else {"layer_type": slot}
         expected, _ = ROPE_INIT_FUNCTIONS["dynamic"](module.config, seq_len=long, **kwargs)
-        got = getattr(probe, _buffer_name(slot)).float().cpu()
+        got = getattr(probe, buffer_name(slot)).float().cpu()
         if not torch.allclose(got, expected.float(), rtol=1e-6) or torch.equal(
-            got, getattr(module, _buffer_name(slot)).float().cpu()
+            got, getattr(module, buffer_name(slot)).float().cpu()
         ):
             raise PatchDidNotTakeEffect(f"{name}: dynamic NTK did not rescale past the original length")
 
-    def details(self, model: torch.nn.Module, before: Snapshot) -> dict[str, Any]:
+    def details(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> dict[str, Any]:
         """The origin of every slot (the first RoPE record's wins) and each slot's total factor."""
-        records = _rope_records(model.config)
+        records = rope_records(model.config)
         first = records[0]["details"]["origin"] if records else {}
         last = records[-1]["details"]["total_factor"] if records else {}
         return {
-            "origin": {**{s: vars(o) for s, o in self._origins.items()}, **first},
-            "total_factor": {**last, **self._totals},
+            "origin": {**{s: vars(o) for s, o in ctx.state["origins"].items()}, **first},
+            "total_factor": {**last, **ctx.state["totals"]},
         }
 
 
@@ -361,4 +270,4 @@ class Llama3(RopePatch):
         return params
 
 
-ROPE_PATCHES = {cls.name for cls in (Yarn, Linear, DynamicNTK, NTK, Llama3)}
+assert ROPE_PATCHES == {cls.name for cls in (Yarn, Linear, DynamicNTK, NTK, Llama3)}

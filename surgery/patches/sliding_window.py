@@ -21,9 +21,9 @@ from typing import Any, ClassVar
 import torch
 from pydantic import Field, model_validator
 
+from surgery.arch import layer_windows, text_config
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
-from surgery.models import layer_windows, text_config
-from surgery.patch import Patch, Persist, Snapshot, register
+from surgery.patch import Context, Patch, Persist, Snapshot, register
 
 RUNTIME_IMPL = "surgery_sliding"
 NATIVE_LAYER_TYPES = ("qwen2", "qwen3", "gemma3_text")
@@ -146,10 +146,6 @@ class SlidingWindow(Patch):
 
     def check(self, model: torch.nn.Module) -> None:
         config = text_config(model.config)
-        if config.model_type not in self.architectures:
-            raise UnsupportedModel(
-                f"{self.name} supports model types {', '.join(self.architectures)}; got '{config.model_type}'"
-            )
         if model.config._attn_implementation == RUNTIME_IMPL:
             raise UnsupportedModel(
                 f"{self.name} was already applied through surgery's runtime attention; apply it once, "
@@ -183,10 +179,14 @@ class SlidingWindow(Patch):
                     f"--layers {','.join(str(i) for i, s in enumerate(current) if s)}) and set only --window"
                 )
 
+    def short(self) -> str:
+        pattern = f", 1 in {self.global_every} layers global" if self.global_every else ""
+        return f"{self.name} {self.window}{pattern}"
+
     def persistence(self, model: torch.nn.Module) -> Persist:
         return "runtime" if self.route(model) == "runtime" else "config"
 
-    def rewrite(self, model: torch.nn.Module) -> list[str]:
+    def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
         route = self.route(model)
         windows = self.expected_windows(model.config)
         slid = sum(w is not None for w in windows)
@@ -211,7 +211,7 @@ class SlidingWindow(Patch):
             set_layer_types(model, ["sliding_attention" if w else "full_attention" for w in windows])
         return [f"sliding_window {self.window} on {slid} of {len(windows)} layers (config, native)"]
 
-    def verify(self, model: torch.nn.Module, before: Snapshot) -> None:
+    def verify(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> None:
         expected = self.expected_windows(model.config)
         if self.route(model) == "runtime":
             actual = [getattr(m, "surgery_window", None) for m in attention_layers(model)]

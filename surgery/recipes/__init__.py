@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery.errors import SurgeryError
-from surgery.recipes.schema import Recipe, RecipeError, load_recipe, validate_data
+from surgery.errors import RecipeError, SurgeryError
+from surgery.recipes.schema import Recipe, load_recipe, validate_data
 
 
 def dry_run(recipe: Recipe, model: str | None = None) -> list[str]:
@@ -17,15 +17,12 @@ def dry_run(recipe: Recipe, model: str | None = None) -> list[str]:
     skeleton_model = skeleton(load_config(model or recipe.model))
     lines = []
     for step in recipe.compiled:
-        if step.verb != "patch":
-            continue
         try:
-            record = step.payload.dry_run().apply(skeleton_model)
+            line = step.dry_run(skeleton_model)
         except SurgeryError as err:
-            raise RecipeError(
-                model or recipe.model, [f"steps.{step.index}.patch ({step.payload.name}): {err}"]
-            ) from None
-        lines.append(f"steps.{step.index} {step.payload.slug()}: " + ("; ".join(record.notes) or "ok"))
+            raise RecipeError(model or recipe.model, [str(err)]) from None
+        if line:
+            lines.append(line)
     return lines
 
 

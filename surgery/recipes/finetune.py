@@ -17,8 +17,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from surgery.data import TextSource, token_blocks
 from surgery.errors import SurgeryError
-from surgery.evaluate.text import TextSource, token_blocks
 
 log = logging.getLogger(__name__)
 
@@ -82,51 +82,37 @@ def lr_lambda(warmup: int, total: int):
     return factor
 
 
-def run_finetune(model: torch.nn.Module, tokenizer: Any, settings: Finetune, seed: int = 0) -> dict[str, Any]:
-    """Train `model` in place; returns {"losses", "seconds", "tokens", "trainable"}. LoRA adapters
-    are merged and removed afterwards, so `model` stays a plain transformers model."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
+def attach_trainable(model: torch.nn.Module, settings: Finetune) -> tuple[torch.nn.Module, int]:
+    """(the module to train, its trainable parameter count): the model with LoRA adapters on
+    `target_modules` (everything else frozen), or the model itself with `trainable` selected."""
+    if settings.method != "lora":
+        return model, select_trainable(model, settings.trainable)
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    config = LoraConfig(
+        r=settings.lora_r,
+        lora_alpha=settings.lora_alpha,
+        lora_dropout=settings.lora_dropout,
+        target_modules=settings.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    try:
+        adapted = get_peft_model(model, config)
+    except ValueError as err:
+        raise SurgeryError(f"finetune: LoRA could not attach ({err}); check target_modules") from None
+    return adapted, sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+
+
+def train_steps(
+    accelerator: Any, wrapped: Any, optimizer: Any, scheduler: Any, loader: Any, settings: Finetune
+) -> list[float]:
+    """`max_steps` optimizer steps of next-token loss over `loader` (cycled); the loss of each step,
+    averaged over its micro-batches and gathered across processes."""
     from tqdm.auto import tqdm
 
-    if tokenizer is None:
-        raise SurgeryError("finetune needs the model's tokenizer to read its training text")
-    seed = settings.seed if settings.seed is not None else seed
-    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not torch.cuda.is_available())
-    set_seed(seed)
-    blocks = token_blocks(tokenizer, settings.text, settings.seq_len)
-    generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(blocks, batch_size=settings.batch_size, shuffle=True, generator=generator)
-
-    was_training = model.training
-    trainable_model: torch.nn.Module = model
-    if settings.method == "lora":
-        from peft import LoraConfig, get_peft_model
-
-        for p in model.parameters():
-            p.requires_grad_(False)
-        config = LoraConfig(
-            r=settings.lora_r,
-            lora_alpha=settings.lora_alpha,
-            lora_dropout=settings.lora_dropout,
-            target_modules=settings.target_modules,
-            task_type="CAUSAL_LM",
-        )
-        try:
-            trainable_model = get_peft_model(model, config)
-        except ValueError as err:
-            raise SurgeryError(f"finetune: LoRA could not attach ({err}); check target_modules") from None
-        trainable = sum(p.numel() for p in trainable_model.parameters() if p.requires_grad)
-    else:
-        trainable = select_trainable(model, settings.trainable)
-    params = [p for p in trainable_model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, settings.max_steps))
-    trainable_model.train()
-    wrapped, optimizer, loader, scheduler = accelerator.prepare(trainable_model, optimizer, loader, scheduler)
-
     losses: list[float] = []
-    start = time.perf_counter()
     batches = iter(loader)
     bar = tqdm(total=settings.max_steps, desc="finetune", disable=not accelerator.is_local_main_process, leave=False)
     for _ in range(settings.max_steps):
@@ -148,13 +134,42 @@ def run_finetune(model: torch.nn.Module, tokenizer: Any, settings: Finetune, see
         bar.update(1)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
+    return losses
+
+
+def run_finetune(model: torch.nn.Module, tokenizer: Any, settings: Finetune, seed: int = 0) -> dict[str, Any]:
+    """Train `model` in place; returns {"losses", "seconds", "tokens", "trainable"}. LoRA adapters
+    are merged and removed afterwards, so `model` stays a plain transformers model; every
+    parameter's requires_grad flag and the train/eval mode are restored."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    if tokenizer is None:
+        raise SurgeryError("finetune needs the model's tokenizer to read its training text")
+    seed = settings.seed if settings.seed is not None else seed
+    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not torch.cuda.is_available())
+    set_seed(seed)
+    blocks = token_blocks(tokenizer, settings.text, settings.seq_len)
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(blocks, batch_size=settings.batch_size, shuffle=True, generator=generator)
+
+    was_training = model.training
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    trainable_model, trainable = attach_trainable(model, settings)
+    params = [p for p in trainable_model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, settings.max_steps))
+    trainable_model.train()
+    wrapped, optimizer, loader, scheduler = accelerator.prepare(trainable_model, optimizer, loader, scheduler)
+    start = time.perf_counter()
+    losses = train_steps(accelerator, wrapped, optimizer, scheduler, loader, settings)
     seconds = time.perf_counter() - start
 
     unwrapped = accelerator.unwrap_model(wrapped)
     if settings.method == "lora":
         unwrapped.merge_and_unload()  # the LoRA layers of `model` are replaced by merged Linears in place
-    for p in model.parameters():
-        p.requires_grad_(True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(flags.get(name, True))
     model.train(was_training)
     accelerator.free_memory()
     tokens = (

@@ -1,0 +1,53 @@
+"""What a recipe run carries from step to step: the state saved after every step (everything a
+resumed run needs) and the context a running step may read and change."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field
+
+from surgery.evaluate.base import EvalResult
+from surgery.evaluate.gates import GateOutcome
+
+
+class RunState(BaseModel):
+    """Everything a resumed run needs, rewritten atomically after each step."""
+
+    fingerprint: str
+    completed: int = 0
+    results: list[EvalResult] = []
+    gates: list[GateOutcome] = []
+    finetunes: list[dict[str, Any]] = []
+    saved: list[str] = []
+    pushed: list[str] = []
+    failed: bool = False
+    checkpoint: str | None = None  # directory in OUT.partial holding the model after `completed` steps
+    seconds: dict[str, float] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)  # eval step index -> what the model was then
+    changes: list[str] = []  # what the steps so far did to the model: "yarn ×2", "full heal"
+
+    def metrics(self, first: bool) -> dict[str, float]:
+        """First (baseline) or last value of every metric, in the order the results came."""
+        out: dict[str, float] = {}
+        for r in self.results:
+            for k, v in r.metrics.items():
+                if not first or k not in out:
+                    out[k] = v
+        return out
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a running step may read and change."""
+
+    recipe: Any
+    model: torch.nn.Module
+    tokenizer: Any
+    state: RunState
+    say: Callable[[str], None]
+    main: bool  # only the main process writes files
+    api: Any = None  # the Hub API (tests inject a local one)

@@ -1,0 +1,297 @@
+"""The recipe verbs, one typed step class each (the base is in `step.py`). A step knows how to be
+parsed from YAML (`parse`), what it needs before it (`note` and `order`), how to show itself
+(`label`), what it would write (`outputs`), what it does to a meta-device skeleton (`dry_run`) and
+how it runs (`run`). Validation, ordering, the dry run and the runner each dispatch once, through
+`STEPS`: adding a verb is adding a class here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from surgery.errors import GateError, SurgeryError, did_you_mean
+from surgery.evaluate.base import EVALS, Eval
+from surgery.evaluate.gates import Gate, evaluate_gates, parse_gate
+from surgery.patch import PATCHES, Patch
+from surgery.recipes.finetune import Finetune
+from surgery.recipes.report import card_section, run_of
+from surgery.recipes.state import RunContext
+from surgery.recipes.step import Seen, Step, build, registered, settings
+
+
+class PatchStep(Step):
+    verb: ClassVar[str] = "patch"
+    kind: Literal["patch"] = "patch"
+    payload: Patch
+
+    @classmethod
+    def parse(cls, index: int, value: Any, rest: dict[str, Any], problems: list[str]) -> Step | None:
+        payload = registered(PATCHES, "patch", index, value, rest, problems)
+        return cls(index=index, payload=payload) if payload is not None else None
+
+    @property
+    def label(self) -> str:
+        return f"patch {self.payload.slug()}"
+
+    def dry_run(self, skeleton: torch.nn.Module) -> str | None:
+        try:
+            record = self.payload.dry_run().apply(skeleton)
+        except SurgeryError as err:
+            raise SurgeryError(f"steps.{self.index}.patch ({self.payload.name}): {err}") from None
+        return f"steps.{self.index} {self.payload.slug()}: " + ("; ".join(record.notes) or "ok")
+
+    def run(self, ctx: RunContext) -> bool:
+        record = self.payload.apply(ctx.model, tokenizer=ctx.tokenizer)
+        for note in record.notes:
+            ctx.say(f"    {note}")
+        ctx.state.changes.append(self.payload.short())
+        return True
+
+
+class EvalStep(Step):
+    verb: ClassVar[str] = "eval"
+    kind: Literal["eval"] = "eval"
+    payload: Eval
+
+    @classmethod
+    def parse(cls, index: int, value: Any, rest: dict[str, Any], problems: list[str]) -> Step | None:
+        payload = registered(EVALS, "eval", index, value, rest, problems)
+        return cls(index=index, payload=payload) if payload is not None else None
+
+    @classmethod
+    def note(cls, value: Any, seen: Seen) -> None:
+        seen.evals.add(str(value))
+
+    @property
+    def label(self) -> str:
+        return f"eval {self.payload.name}"
+
+    def run(self, ctx: RunContext) -> bool:
+        result = self.payload.run(ctx.model, ctx.tokenizer)
+        result.details["step"] = self.index
+        ctx.state.results.append(result)
+        changes = ctx.state.changes
+        ctx.state.labels[str(self.index)] = "after " + ", ".join(changes) if changes else "before"
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
+        ctx.say(f"    {shown} ({result.seconds:.0f} s)")
+        return False
+
+
+class FinetuneStep(Step):
+    verb: ClassVar[str] = "finetune"
+    kind: Literal["finetune"] = "finetune"
+    payload: Finetune
+
+    @classmethod
+    def parse(cls, index: int, value: Any, rest: dict[str, Any], problems: list[str]) -> Step | None:
+        where = f"steps.{index}"
+        if not isinstance(value, (dict, str)) and value is not None:
+            problems.append(f"{where}.finetune: give a mapping of settings or a method name (lora, full)")
+            return None
+        params = dict(value or {}) if isinstance(value, dict) or value is None else {"method": value}
+        inner = f"{where}.finetune" if isinstance(value, dict) else where
+        payload = build(Finetune, inner, {**params, **rest}, problems)
+        return cls(index=index, payload=payload) if payload is not None else None
+
+    @property
+    def label(self) -> str:
+        return f"finetune {self.payload.method} {self.payload.max_steps} steps"
+
+    def run(self, ctx: RunContext) -> bool:
+        from surgery.recipes.finetune import run_finetune
+
+        result = run_finetune(ctx.model, ctx.tokenizer, self.payload, seed=ctx.recipe.seed)
+        losses = result["losses"]
+        heal = f"{self.payload.method} heal"
+        ctx.state.finetunes.append({"step": self.index, "label": f"{heal}, {self.payload.max_steps} steps", **result})
+        ctx.state.changes.append(heal)
+        ctx.say(
+            f"    loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps, "
+            f"{result['tokens']:,} tokens, {result['seconds']:.0f} s"
+        )
+        return True
+
+
+class GateStep(Step):
+    verb: ClassVar[str] = "gate"
+    kind: Literal["gate"] = "gate"
+    payload: list[Gate]
+
+    @classmethod
+    def parse(cls, index: int, value: Any, rest: dict[str, Any], problems: list[str]) -> Step | None:
+        where = f"steps.{index}.gate"
+        texts = value if isinstance(value, list) else [value]
+        if rest or not texts or not all(isinstance(t, str) for t in texts):
+            problems.append(f"{where}: write METRIC:RULE=VALUE (or a list of them), e.g. perplexity.ppl@2048:max=15")
+            return None
+        gates, before = [], len(problems)
+        for text in texts:
+            try:
+                gates.append(parse_gate(text))
+            except GateError as err:
+                problems.append(f"{where}: {err}")
+        return cls(index=index, payload=gates) if len(problems) == before else None
+
+    def order(self, seen: Seen, problems: list[str]) -> None:
+        for gate in self.payload:
+            family = gate.metric.split(".", 1)[0]
+            if family not in seen.evals and not any(ch in family for ch in "*?["):
+                problems.append(
+                    f"steps.{self.index}.gate: '{gate.metric}' needs an earlier '{family}' eval step"
+                    + (f" (evals so far: {', '.join(sorted(seen.evals))})" if seen.evals else "")
+                )
+
+    @property
+    def label(self) -> str:
+        return "gate " + "; ".join(g.text for g in self.payload)
+
+    def run(self, ctx: RunContext) -> bool:
+        state = ctx.state
+        outcomes = evaluate_gates(self.payload, state.metrics(first=True), state.metrics(first=False))
+        state.gates.extend(outcomes)
+        for o in outcomes:
+            ctx.say(f"    {'pass' if o.passed else 'FAIL'}  {o.metric}: {o.message}")
+        state.failed = state.failed or not all(o.passed for o in outcomes)
+        return False
+
+
+class SaveSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    path: str = Field(min_length=1, pattern=r"\S", description="output directory (written atomically)")
+    force: bool = Field(False, description="replace the directory if surgery wrote it")
+
+
+class SaveStep(Step):
+    verb: ClassVar[str] = "save"
+    kind: Literal["save"] = "save"
+    payload: SaveSettings
+
+    @classmethod
+    def parse(cls, index: int, value: Any, rest: dict[str, Any], problems: list[str]) -> Step | None:
+        example = "an output directory, e.g. save: out/my-model"
+        payload = settings(SaveSettings, "save", "path", example, index, value, rest, problems)
+        return cls(index=index, payload=payload) if payload is not None else None
+
+    @classmethod
+    def note(cls, value: Any, seen: Seen) -> None:
+        seen.saved = True
+
+    @property
+    def label(self) -> str:
+        return f"save {self.payload.path}"
+
+    def outputs(self) -> list[tuple[Path, bool]]:
+        return [(Path(self.payload.path), self.payload.force)]
+
+    def run(self, ctx: RunContext) -> bool:
+        import surgery
+        from surgery.models import source_paths
+
+        path, state = self.payload.path, ctx.state
+        if ctx.main:
+            surgery.save(
+                ctx.model,
+                ctx.tokenizer,
+                path,
+                base_model=ctx.recipe.model,
+                # a resumed run replaces what it wrote itself before a kill, and nothing else
+                force=self.payload.force or run_of(Path(path)) == state.fingerprint,
+                card_extra=card_section(ctx.recipe, state),
+                files={"recipe.yaml": ctx.recipe.to_yaml()},
+                sources=source_paths(ctx.recipe.model),
+                run={"fingerprint": state.fingerprint, "step": self.index},
+            )
+        state.saved.append(path)
+        ctx.say(f"    saved {path}")
+        return False
+
+
+class PushSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="user/name on the Hub")
+    private: bool = Field(False, description="create the repository private")
+    revision: str | None = Field(None, description="branch to push to (created if missing)")
+    path: str | None = Field(None, description="directory to upload (default: the last save)")
+
+
+class PushStep(Step):
+    verb: ClassVar[str] = "push"
+    kind: Literal["push"] = "push"
+    payload: PushSettings
+
+    @classmethod
+    def parse(cls, index: int, value: Any, rest: dict[str, Any], problems: list[str]) -> Step | None:
+        example = "a repository id, e.g. push: user/my-model"
+        payload = settings(PushSettings, "push", "repo_id", example, index, value, rest, problems)
+        return cls(index=index, payload=payload) if payload is not None else None
+
+    def order(self, seen: Seen, problems: list[str]) -> None:
+        if not seen.saved and not self.payload.path:
+            problems.append(
+                f"steps.{self.index}.push: nothing saved yet; put a save step before push (or give push a path)"
+            )
+
+    @property
+    def label(self) -> str:
+        return f"push {self.payload.repo_id}"
+
+    def run(self, ctx: RunContext) -> bool:
+        from surgery.hub import push
+
+        folder = self.payload.path or ctx.state.saved[-1]
+        if ctx.main:
+            p = self.payload
+            url = push(folder, p.repo_id, private=p.private, revision=p.revision, api=ctx.api)
+            ctx.state.pushed.append(url)
+            ctx.say(f"    pushed {folder} to {url}")
+        return False
+
+
+AnyStep = Annotated[PatchStep | EvalStep | FinetuneStep | GateStep | SaveStep | PushStep, Field(discriminator="kind")]
+STEPS: dict[str, type[Step]] = {
+    cls.verb: cls for cls in (PatchStep, FinetuneStep, EvalStep, GateStep, SaveStep, PushStep)
+}
+
+
+def verb_of(raw: Any, index: int, problems: list[str] | None = None) -> str | None:
+    """The one verb of a raw step, or None (with a problem when `problems` is given)."""
+    where = f"steps.{index}"
+    if not isinstance(raw, dict):
+        if problems is not None:
+            problems.append(f"{where}: a step is a mapping such as {{patch: yarn, factor: 4}}; got {raw!r}")
+        return None
+    verbs = [k for k in raw if k in STEPS]
+    if len(verbs) == 1:
+        return verbs[0]
+    if problems is not None and not verbs:
+        unknown = next((str(k) for k in raw), "")
+        problems.append(
+            f"{where}: no verb; each step has exactly one of {', '.join(STEPS)}"
+            + (did_you_mean(unknown, list(STEPS)) if unknown else "")
+        )
+    elif problems is not None:
+        problems.append(f"{where}: {' and '.join(verbs)} in one step; give each its own step")
+    return None
+
+
+def compile_steps(raw_steps: list[Any], problems: list[str]) -> list[Step]:
+    """Typed steps from the raw list, then the ordering rules; every problem appended. A step whose
+    own settings are invalid still counts by its verb, so one mistake does not cascade."""
+    compiled: list[Step] = []
+    seen = Seen()
+    for index, raw in enumerate(raw_steps):
+        verb = verb_of(raw, index, problems)
+        if verb is None:
+            continue
+        cls = STEPS[verb]
+        step = cls.parse(index, raw[verb], {k: v for k, v in raw.items() if k != verb}, problems)
+        if step is not None:
+            step.order(seen, problems)
+            compiled.append(step)
+        cls.note(raw[verb], seen)
+    return compiled
