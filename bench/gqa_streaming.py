@@ -28,7 +28,7 @@ def synthetic_checkpoint(path: Path, layers: int, hidden: int, shard_mb: int) ->
     from safetensors.torch import save_file
     from transformers import LlamaConfig
 
-    from surgery.hub import skeleton
+    from surgery.models import skeleton
 
     heads = hidden // 128
     config = LlamaConfig(

@@ -147,20 +147,11 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
-def weight_files(directory: Path) -> list[Path]:
+def weight_files(directory: Path, required: bool = True) -> list[Path]:
     """The safetensors files of a checkpoint, each checked; an index must name only shards that
-    exist. Refuses a checkpoint with pickle weights only."""
+    exist and tensors those shards hold. Refuses a checkpoint with pickle weights only, and (when
+    `required`) one with no weights at all."""
     shards = sorted(directory.glob("*.safetensors"))
-    index = directory / INDEX
-    if index.is_file():
-        weight_map = read_json(index, "restore the index or remove it").get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise UnsafeInput(f"{index} has no weight_map; restore the file")
-        missing = sorted({str(f) for f in weight_map.values()} - {s.name for s in shards})
-        if missing:
-            raise UnsafeInput(
-                f"{index} lists {', '.join(missing)}, missing from {directory}; the checkpoint is incomplete"
-            )
     if not shards:
         pickles = [f.name for f in sorted(directory.iterdir()) if f.suffix in PICKLE_SUFFIXES]
         if pickles:
@@ -168,9 +159,51 @@ def weight_files(directory: Path) -> list[Path]:
                 f"{directory} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
                 "surgery reads safetensors only: convert it with a tool you trust"
             )
-    for shard in shards:
-        read_header(shard)
+        if required:
+            raise UnsafeInput(f"{directory} has no weights (*.safetensors); pass a complete checkpoint")
+    headers = {shard.name: read_header(shard)[0] for shard in shards}
+    index = directory / INDEX
+    if index.is_file():
+        weight_map = read_json(index, "restore the index or remove it").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise UnsafeInput(f"{index} has no weight_map; restore the file")
+        missing = sorted({str(f) for f in weight_map.values()} - set(headers))
+        if missing:
+            raise UnsafeInput(
+                f"{index} lists {', '.join(missing)}, missing from {directory}; the checkpoint is incomplete"
+            )
+        absent = sorted(name for name, shard in weight_map.items() if name not in headers[shard])
+        if absent:
+            raise UnsafeInput(f"{index} places {absent[0]} in {weight_map[absent[0]]}, which does not hold it")
     return shards
+
+
+def tensor_shapes(shards: list[Path]) -> dict[str, tuple[int, ...]]:
+    """Every tensor's shape, from the (already checked) headers."""
+    shapes = {}
+    for shard in shards:
+        header, _ = read_header(shard)
+        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
+    return shapes
+
+
+def check_tensors(directory: Path, shards: list[Path], expected: dict[str, tuple[int, ...]]) -> None:
+    """Every parameter the config implies is present with its shape (`expected`, from a meta
+    skeleton), so nothing is silently left at random initialisation or converted wrong."""
+    found = tensor_shapes(shards)
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise UnsafeInput(
+            f"{directory} lacks the tensor {missing[0]}{more} its config needs; the checkpoint is incomplete"
+        )
+    wrong = sorted(n for n in expected if found[n] != expected[n])
+    if wrong:
+        name = wrong[0]
+        raise UnsafeInput(
+            f"{directory}: {name} has shape {list(found[name])}, its config needs {list(expected[name])}; "
+            "the weights do not match config.json"
+        )
 
 
 def carried_over(path: Path) -> bool:

@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 import surgery
-from surgery.cli_apply import FORCE_HELP, ApplyGroup, describe_patch, out_option
+from surgery.cli_apply import FORCE_HELP, ApplyGroup, describe_patch, out_option, output_path
 from surgery.errors import SurgeryError
 from surgery.io import terminate_cleanly
 from surgery.patch import PATCHES
@@ -114,11 +114,15 @@ def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, d
     from surgery.evaluate import make_eval
     from surgery.evaluate.report import Report, parse_spec, write_report
     from surgery.io import atomic_dir, reserve
-    from surgery.models import parse_dtype, resolve, source_paths
+    from surgery.models import TOKENIZER_FILES, parse_dtype, resolve, source_paths
 
     evals = [make_eval(name, **params) for name, params in map(parse_spec, specs)]  # all validated before loading
     parse_dtype(dtype)
-    target = Path(out) if out else Path.cwd() / f"{resolve(model).name}-eval"
+    source = resolve(model)
+    path = Path(source.location) if source.kind == "dir" else None
+    if path is not None and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise SurgeryError(f"{model} has no tokenizer, which evaluation needs; save one with the model")
+    target = output_path(out, Path.cwd() / f"{source.name}-eval")
     sources = source_paths(model)
     with reserve(target, force, sources):  # an unwritable or busy output fails before the evaluation
         loaded, tokenizer = surgery.load_model(model, dtype=dtype)
@@ -149,14 +153,15 @@ def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None
 
     parsed = [parse_gate(g) for g in gates]
     b, a = load_report(before), load_report(after)
-    if out:
-        check_target(Path(out), force, [Path(before), Path(after)])
+    target = output_path(out, Path()) if out is not None else None
+    if target is not None:
+        check_target(target, force, [Path(before), Path(after)])
     rows = compare_rows(b, a)
     outcomes = evaluate_gates(parsed, b.metrics, a.metrics)
     table = markdown_table(rows, outcomes)
     click.echo(table, nl=False)
-    if out:
-        with atomic_dir(Path(out), force, [Path(before), Path(after)]) as tmp:
+    if target is not None:
+        with atomic_dir(target, force, [Path(before), Path(after)]) as tmp:
             (tmp / "comparison.md").write_text(f"# {b.model} -> {a.model}\n\n{table}")
             payload = {"rows": [r.model_dump() for r in rows], "gates": [o.model_dump() for o in outcomes]}
             (tmp / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -203,7 +208,7 @@ def run_cmd(recipe: str, out: str | None, resume: bool, force: bool, overrides: 
     from surgery.recipes import load_recipe, run_recipe
 
     parsed = load_recipe(recipe, list(overrides))
-    target = Path(out) if out else Path("runs") / Path(recipe).stem
+    target = output_path(out, Path("runs") / Path(recipe).stem)
     outcome = run_recipe(parsed, target, resume=resume, force=force, echo=click.echo)
     if not outcome.passed:
         sys.exit(1)

@@ -30,6 +30,15 @@ class OutOption(click.Option):
         return (record[0].replace(", --output", ""), record[1]) if record else None
 
 
+def output_path(out: str | None, default: Path) -> Path:
+    """The directory -o names (never an empty name, which would mean the working directory)."""
+    if out is None:
+        return default
+    if not out.strip():
+        raise SurgeryError("-o is empty; name an output directory")
+    return Path(out)
+
+
 def out_option(help: str) -> Any:
     return click.option("--out", cls=OutOption, help=help)
 
@@ -169,7 +178,7 @@ def apply_patch(
     patch = construct(cls, cls.name, {k: v for k, v in params.items() if v is not None}, rename=flags)
     parse_dtype(dtype)
     source = resolve(model)
-    out = Path(output) if output else Path.cwd() / f"{source.name}-{patch.slug()}"
+    out = output_path(output, Path.cwd() / f"{source.name}-{patch.slug()}")
     with reserve(out, force, source_paths(model)):  # checked and locked before any work
         record, how, seconds = apply_reserved(patch, model, source, out, force, dtype, load_weights, streaming)
     for note in record.notes:
@@ -187,8 +196,8 @@ def apply_reserved(
     load_weights: bool,
     streaming: bool | None,
 ) -> tuple[Any, str, float]:
-    from surgery.hub import apply_config_only, skeleton
-    from surgery.models import local_dir, source_paths
+    from surgery.hub import apply_config_only
+    from surgery.models import local_dir, skeleton, source_paths
     from surgery.streaming import apply_streaming, should_stream
 
     cls = type(patch)

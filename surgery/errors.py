@@ -95,3 +95,21 @@ def validation_problems(
             got = f" (got {e['input']!r})" if "input" in e and not isinstance(e["input"], (dict, list)) else ""
             out.append(f"{path}: {message}{got}")
     return out
+
+
+def numbers_not_bools(cls: Any, data: Any) -> Any:
+    """A pydantic `mode="before"` model validator: refuse true/false given for a numeric field
+    (pydantic would read them as 1 and 0)."""
+    if isinstance(data, dict):
+        for name, value in data.items():
+            field = cls.model_fields.get(name)
+            if isinstance(value, bool) and field is not None and bool not in _types(field.annotation):
+                raise ValueError(f"{name}: expected a number, got {str(value).lower()}")
+    return data
+
+
+def _types(annotation: Any) -> set[Any]:
+    import typing
+
+    args = typing.get_args(annotation)
+    return {t for a in args for t in _types(a)} if args else {annotation}

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from surgery.checkpoint import carried_over, check_config, weight_files
+from surgery.checkpoint import carried_over, check_config, check_tensors, weight_files
+from surgery.errors import UnsafeInput
 from surgery.io import atomic_dir, reserve
-from surgery.models import SOURCE_FILE
+from surgery.models import SOURCE_FILE, expected_shapes, skeleton
 from surgery.patch import Patch, PatchRecord, get_patch, history
 
 log = logging.getLogger(__name__)
@@ -165,17 +166,6 @@ def clone_file(src: Path, dst: Path) -> None:
         shutil.copyfile(src, dst)
 
 
-def skeleton(config: Any) -> Any:
-    """The model built from `config` with parameters on the meta device and real buffers (RoPE)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
-    model.tie_weights()  # from_pretrained ties; without it tied parameters are counted twice
-    return model
-
-
 def apply_config_only(
     patch: Patch, src: Path, out: str | Path, *, base_model: str | None = None, force: bool = False
 ) -> tuple[Path, PatchRecord]:
@@ -188,10 +178,12 @@ def apply_config_only(
     out, src = Path(out), Path(src)
     with reserve(out, force, [src]):
         check_config(src)
-        weight_files(src)  # a corrupt or incomplete checkpoint is refused, not copied
+        shards = weight_files(src)  # a corrupt or incomplete checkpoint is refused, not copied
         config = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
         dtype = config.dtype
         model = skeleton(config)
+        check_tensors(src, shards, expected_shapes(model))
+        model.config.architectures = [type(model).__name__]  # never a class name the source made up
         record = patch.apply(model)
         model.config.dtype = dtype  # from_config would otherwise record the skeleton's float32
         with atomic_dir(out, force, [src]) as tmp:
@@ -207,6 +199,18 @@ def copy_unchanged(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
     for f in sorted(src.iterdir()):
         if carried_over(f) and f.name not in NOT_COPIED and f.name not in skip:
             clone_file(f, dst / f.name)
+            if f.suffix == ".json":
+                drop_auto_map(dst / f.name)
+
+
+def drop_auto_map(path: Path) -> None:
+    """Remove a top-level `auto_map` (a pointer at custom code) from a JSON file, if it has one."""
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError:
+        return  # not JSON: nothing transformers would follow
+    if isinstance(data, dict) and "auto_map" in data:
+        edit_json(path, auto_map=None)  # the clone is copy-on-write: the source keeps its bytes
 
 
 def push(
@@ -228,6 +232,7 @@ def push(
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise SurgeryError(f"{folder} is not a saved model (no config.json); push a directory written by save")
+    refuse_foreign(folder)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise SurgeryError(f"repository id '{repo_id}' must look like user/name")
     api = api if api is not None else HfApi()
@@ -247,6 +252,20 @@ def push(
     url = f"https://huggingface.co/{repo_id}" + (f"/tree/{revision}" if revision else "")
     log.info("pushed %s to %s", folder, url)
     return url
+
+
+def refuse_foreign(folder: Path) -> None:
+    """Never publish code, pickles or pointers at custom code: a folder holding any is refused."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and not carried_over(f):
+            raise UnsafeInput(f"{folder} holds {f.relative_to(folder)} (code or a pickle); surgery pushes neither")
+        if f.suffix == ".json" and f.is_file():
+            try:
+                data = json.loads(f.read_bytes())
+            except ValueError:
+                continue
+            if isinstance(data, dict) and "auto_map" in data:
+                raise UnsafeInput(f"{folder}/{f.relative_to(folder)} points at custom code (auto_map); remove it first")
 
 
 def read_patches(folder: Path) -> list[dict[str, Any]]:

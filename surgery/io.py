@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import shutil
 import signal
@@ -88,9 +89,46 @@ def ours(directory: Path) -> bool:
     )
 
 
+def hidden_name(out: Path, kind: str) -> str:
+    """`.NAME.KIND` beside `out` (lock, tmp-, old-), kept under the 255-byte name limit: a long
+    name is shortened and made unique by a hash of the whole."""
+    name = out.name
+    if len(name.encode()) > 200:
+        name = name[:100] + "-" + hashlib.sha1(name.encode()).hexdigest()[:12]
+    return f".{name}.{kind}"
+
+
 def check_target(out: Path, force: bool, sources: Iterable[str | Path] = ()) -> None:
     """Everything that can be known about an output before work starts; one line otherwise."""
     out = Path(out)
+    if not str(out).strip():
+        raise UnsafeOutput("the output directory is empty; name one with -o")
+    try:
+        _check_target(out, force, sources)
+    except OSError as err:  # a name too long, a loop of links, ...
+        raise UnsafeOutput(f"cannot use {out} as an output: {err.strerror}; choose another output") from None
+    except (OutputExists, UnsafeOutput):
+        clear_stale_lock(out)  # a killed writer's lock file must not outlive the refusal
+        raise
+
+
+def clear_stale_lock(out: Path) -> None:
+    """Remove the lock file beside `out` if no process holds it (its writer was killed)."""
+    path = out.parent / hidden_name(out, "lock")
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.unlink(path)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _check_target(out: Path, force: bool, sources: Iterable[str | Path]) -> None:
     target = out.resolve()
     if _inside(Path.cwd().resolve(), target):
         raise UnsafeOutput(f"{out} is the working directory or one of its parents; write to a new directory")
@@ -141,7 +179,7 @@ def _remove_empty(directories: list[Path]) -> None:
 @contextlib.contextmanager
 def _lock(out: Path) -> Iterator[None]:
     """Hold an exclusive flock on `.NAME.lock` beside `out`; removed again on release."""
-    path = out.parent / f".{out.name}.lock"
+    path = out.parent / hidden_name(out, "lock")
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -170,7 +208,7 @@ def _lock(out: Path) -> Iterator[None]:
 
 def remove_stale(out: Path) -> None:
     """Remove what killed writers of `out` left beside it; call only while holding its lock."""
-    prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")
+    prefixes = (hidden_name(out, "tmp-"), hidden_name(out, "old-"))
     for p in out.parent.iterdir():
         if p.name.startswith(prefixes) and p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
@@ -202,6 +240,15 @@ def reserve(out: str | Path, force: bool = False, sources: Iterable[str | Path] 
         raise
 
 
+def permit(directory: Path) -> None:
+    """Give a finished output the modes the umask allows, as if the user had created each file
+    (libraries write some files through private temporaries, mode 0600)."""
+    os.chmod(directory, 0o777 & ~UMASK)
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~UMASK)
+
+
 def _exchange(a: Path, b: Path) -> bool:
     """Swap two paths atomically (renameat2 RENAME_EXCHANGE); False where unsupported."""
     try:
@@ -221,9 +268,8 @@ def atomic_dir(out: str | Path, force: bool = False, sources: Iterable[str | Pat
     out = Path(out)
     with reserve(out, force, sources):
         check_target(out, force, sources)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=hidden_name(out, "tmp-"), dir=out.parent))
         try:
-            os.chmod(tmp, 0o777 & ~UMASK)
             try:
                 yield tmp
             except (OSError, SafetensorError) as err:
@@ -231,10 +277,11 @@ def atomic_dir(out: str | Path, force: bool = False, sources: Iterable[str | Pat
                 raise UnsafeOutput(f"could not write {out}: {reason}; nothing was written") from None
             if not (tmp / MARKER).exists():
                 (tmp / MARKER).write_text('{"written_by": "surgery"}\n')
+            permit(tmp)
             fault_point("before-rename")
             if out.exists():
                 if not _exchange(tmp, out):
-                    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                    trash = Path(tempfile.mkdtemp(prefix=hidden_name(out, "old-"), dir=out.parent))
                     out.rename(trash / "old")
                     tmp.rename(out)
                     shutil.rmtree(trash, ignore_errors=True)

@@ -17,8 +17,8 @@ from typing import Any, Literal
 
 import torch
 
-from surgery.checkpoint import check_config, check_tokenizer, weight_files
-from surgery.errors import ModelNotFound, SurgeryError
+from surgery.checkpoint import check_config, check_tensors, check_tokenizer, weight_files
+from surgery.errors import ModelNotFound, SurgeryError, UnsafeInput
 from surgery.patch import Context, history, make_patch
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,18 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
+def check_gguf(path: Path) -> None:
+    """Parse a GGUF's header and tensor table (memory-mapped, no data read) before converting it."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(path)
+        reader.fields["general.architecture"]
+    except Exception as err:  # the reader raises ValueError, KeyError, struct and numpy errors
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise UnsafeInput(f"{path} is not a readable GGUF file ({reason}); pass a complete .gguf") from None
+
+
 def convert_gguf(source: Source) -> Path:
     """Dequantise a GGUF once into a safetensors checkpoint in the cache; return its directory.
 
@@ -131,6 +143,7 @@ def convert_gguf(source: Source) -> Path:
     target = _gguf_cache_path(gguf)
     if (target / "config.json").is_file():
         return target
+    check_gguf(gguf)
     log.info("converting %s to a safetensors cache at %s (once; ~30 s)", gguf.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
@@ -199,6 +212,32 @@ def _hub_error(ref: str, err: Exception) -> ModelNotFound:
     )
 
 
+def skeleton(config: Any) -> Any:
+    """The model built from `config` with parameters on the meta device and real buffers (RoPE)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # from_pretrained ties; without it tied parameters are counted twice
+    return model
+
+
+def expected_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """Every parameter's shape (tied parameters once, under their first name)."""
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
+def check_weights(path: Path) -> None:
+    """Refuse a local checkpoint whose safetensors are corrupt, incomplete, pickles, or do not
+    match its config (a missing tensor would otherwise be filled with random values)."""
+    from transformers import AutoConfig
+
+    shards = weight_files(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    check_tensors(path, shards, expected_shapes(skeleton(config)))
+
+
 def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None = None) -> tuple[Any, Any]:
     """Load `(model, tokenizer)` from a hub id, a local directory, a .gguf file or `smollm2`.
 
@@ -212,7 +251,7 @@ def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None =
     where = str(path) if path is not None else source.location
     local = path is not None
     if local:
-        weight_files(path)  # corrupt, incomplete or pickle-only checkpoints: one line, nothing loaded
+        check_weights(path)  # corrupt, incomplete, mismatched or pickle-only: one line, nothing loaded
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where,
@@ -235,9 +274,10 @@ def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None =
         try:
             tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local, trust_remote_code=False)
         except (OSError, ValueError, TypeError) as err:
-            log.warning("no tokenizer for %s (%s); continuing without one", ref, err)
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            log.debug("no tokenizer for %s (%s); continuing without one", ref, reason)
     else:
-        log.warning("%s has no tokenizer files; continuing without a tokenizer", where)
+        log.debug("%s has no tokenizer files; continuing without a tokenizer", where)  # evals say so if they need one
     model.eval()
     for record in history(model.config):
         if record["persist"] == "runtime":

@@ -11,10 +11,17 @@ import logging
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from surgery.arch import kv_bytes_per_token, text_config
-from surgery.errors import InvalidParams, UnknownPatch, UnsupportedModel, did_you_mean, validation_problems
+from surgery.errors import (
+    InvalidParams,
+    UnknownPatch,
+    UnsupportedModel,
+    did_you_mean,
+    numbers_not_bools,
+    validation_problems,
+)
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,11 @@ class Patch(BaseModel):
     """Base class of every patch. Subclasses declare fields (the parameters) and class attributes."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, data: Any) -> Any:
+        return numbers_not_bools(cls, data)
 
     name: ClassVar[str]
     """Registry key as typed on the CLI (`yarn`, `gqa`, `sliding-window`)."""

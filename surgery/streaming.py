@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
-from surgery.checkpoint import INDEX, check_config, read_header, weight_files
+from surgery.checkpoint import INDEX, check_config, check_tensors, read_header, weight_files
 from surgery.errors import SurgeryError
-from surgery.hub import copy_unchanged, skeleton, write_metadata
+from surgery.hub import copy_unchanged, write_metadata
 from surgery.io import atomic_dir, reserve
+from surgery.models import expected_shapes, skeleton
 from surgery.patch import Patch, PatchRecord
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,8 @@ def apply_streaming(
         config = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
         dtype = config.dtype
         model = skeleton(config)
+        check_tensors(src, shards, expected_shapes(model))
+        model.config.architectures = [type(model).__name__]
         transform = patch.tensor_transform(model.config)  # from the config *before* the patch
         record = patch.apply(model)  # on meta: validates, rewrites shapes, verifies, records
         model.config.dtype = dtype

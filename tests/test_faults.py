@@ -106,6 +106,17 @@ def test_a_killed_apply_leaves_debris_the_next_writer_removes(world, tmp_path):
     assert hidden(tmp_path) == [] and json.loads((out / "config.json").read_text())["max_position_embeddings"] == 128
 
 
+def test_a_writer_killed_after_its_rename_leaves_no_lock_behind(world, tmp_path):
+    root, _ = world
+    out = tmp_path / "out"
+    args = ("apply", "yarn", "--factor", "2", root / "tiny", "-o", out)
+    assert cli(*args, env={"SURGERY_FAULT": "after-rename"}).returncode == -signal.SIGKILL
+    assert (out / "surgery.json").is_file() and hidden(tmp_path) == [".out.lock"]
+    again = CliRunner().invoke(main, list(map(str, args)))
+    assert again.exit_code == 2 and "already exists" in again.stderr
+    assert hidden(tmp_path) == []  # the refusal cleared the dead writer's lock
+
+
 def test_sigterm_during_a_write_removes_the_temporary_directory(tmp_path, monkeypatch):
     from surgery.io import atomic_dir, terminate_cleanly
 
@@ -122,21 +133,23 @@ def test_sigterm_during_a_write_removes_the_temporary_directory(tmp_path, monkey
     assert list(tmp_path.iterdir()) == []
 
 
-def test_outputs_follow_the_umask(world, tmp_path):
+@pytest.mark.parametrize("route", ["config", "loaded"])
+def test_outputs_follow_the_umask(world, tmp_path, route):
+    from surgery import io
+
     root, _ = world
     old = os.umask(0o027)
+    args = ["apply", "yarn", "--factor", "2", str(root / "tiny"), "-o", str(tmp_path / "o")]
     try:
-        from surgery import io
-
         io.UMASK = 0o027
-        result = CliRunner().invoke(
-            main, ["apply", "yarn", "--factor", "2", str(root / "tiny"), "-o", str(tmp_path / "o")]
-        )
+        result = CliRunner().invoke(main, args + (["--load-weights"] if route == "loaded" else []))
     finally:
         os.umask(old)
         io.UMASK = old
     assert result.exit_code == 0, result.output
     assert (tmp_path / "o").stat().st_mode & 0o777 == 0o750
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "o").iterdir()}
+    assert set(modes.values()) == {0o640}, modes  # the weights too, whatever the library wrote them with
 
 
 @pytest.mark.parametrize("route", ["config", "loaded", "streamed"])
@@ -182,9 +195,12 @@ def evil_checkpoint(root: Path, marker: Path) -> Path:
     config = json.loads((path / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.Evil"}
     (path / "config.json").write_text(json.dumps(config))
-    tok = json.loads((path / "tokenizer_config.json").read_text())
-    tok["auto_map"] = {"AutoTokenizer": ["tokenization_evil.Evil", "tokenization_evil.Evil"]}
-    (path / "tokenizer_config.json").write_text(json.dumps(tok))
+    config["architectures"] = ["EvilForCausalLM"]
+    (path / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer_config.json", "generation_config.json", "special_tokens_map.json"):
+        data = json.loads((path / name).read_text()) if (path / name).is_file() else {}
+        data["auto_map"] = {"AutoTokenizer": ["tokenization_evil.Evil", "tokenization_evil.Evil"]}
+        (path / name).write_text(json.dumps(data))
     for name in ("configuration_evil.py", "modeling_evil.py", "tokenization_evil.py"):
         (path / name).write_text(EVIL.format(marker=str(marker)))
     return path
@@ -213,7 +229,8 @@ def test_code_in_a_checkpoint_never_runs_even_when_stdin_says_yes(tmp_path):
         assert not marker.exists(), name
     assert cli("inspect", evil, stdin="y\n" * 20).returncode == 0 and not marker.exists()  # a real stdin
     for out in ("a", "b", "c", "r-saved"):
-        files = {p.name for p in (tmp_path / out).iterdir()}
-        assert not any(f.endswith(".py") for f in files), (out, files)
-        assert "auto_map" not in json.loads((tmp_path / out / "config.json").read_text())
-        assert "auto_map" not in json.loads((tmp_path / out / "tokenizer_config.json").read_text())
+        files = sorted((tmp_path / out).iterdir())
+        assert not any(f.suffix == ".py" for f in files), (out, files)
+        for f in files:
+            assert f.suffix != ".json" or "auto_map" not in json.loads(f.read_text()), (out, f.name)
+        assert json.loads((tmp_path / out / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]

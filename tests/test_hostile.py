@@ -132,10 +132,52 @@ def symlink(target: Path, link: Path) -> Path:
     return link
 
 
-def saved_model(w: World) -> Path:
+def saved_model(w: World, extra: dict[str, str] | None = None) -> Path:
     path = w.surgery_dir("m")
     (path / "config.json").write_text("{}")
+    for name, text in (extra or {}).items():
+        (path / name).write_text(text)
     return path
+
+
+def rewritten(w: World, change) -> Path:
+    """A copy of the source whose weights are `change(tensors)`."""
+    from safetensors.torch import load_file, save_file
+
+    bad = w.copy()
+    tensors = load_file(bad / "model.safetensors")
+    save_file(change(tensors), bad / "model.safetensors")
+    return bad
+
+
+def wrong_shape(w: World) -> Path:
+    return rewritten(
+        w, lambda t: {**t, "model.layers.0.self_attn.k_proj.weight": t["model.layers.0.self_attn.k_proj.weight"][:16]}
+    )
+
+
+def missing_tensor(w: World) -> Path:
+    return rewritten(w, lambda t: {k: v for k, v in t.items() if k != "model.layers.1.mlp.up_proj.weight"})
+
+
+def phantom_tensor(w: World) -> Path:
+    bad = w.copy()
+    index = {"metadata": {}, "weight_map": {"model.layers.9.bogus": "model.safetensors"}}
+    (bad / "model.safetensors.index.json").write_text(json.dumps(index))
+    return bad
+
+
+def no_weights(w: World) -> Path:
+    bad = w.copy()
+    (bad / "model.safetensors").unlink()
+    return bad
+
+
+def no_tokenizer(w: World) -> Path:
+    bad = w.copy()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bad / name).unlink(missing_ok=True)
+    return bad
 
 
 def missing_shard(w: World) -> Path:
@@ -274,6 +316,9 @@ CASES: dict[str, tuple[str, Case]] = {
     "output inside the source": ("inside the source", lambda w: [*APPLY, w.src, "-o", w.src / "sub"]),
     "output under a file": ("Not a directory", lambda w: [*APPLY, w.src, "-o", w.file("f", "x") / "sub"]),
     "output not writable": ("cannot write in /sys", lambda w: [*APPLY, w.src, "-o", "/sys/surgery-out"]),
+    "output name too long": ("File name too long", lambda w: [*APPLY, w.src, "-o", w.root / ("x" * 300)]),
+    "output name empty": ("-o is empty", lambda w: [*APPLY, w.src, "-o", ""]),
+    "eval output name empty": ("-o is empty", lambda w: ["eval", w.src, *PPL, "-o", " "]),
     "output exists": ("already exists", lambda w: [*APPLY, w.src, "-o", w.surgery_dir("done")]),
     "eval onto the source": ("is the source", lambda w: ["eval", w.src, *PPL, "-o", w.src, "--force"]),
     "eval onto cwd": ("working directory", lambda w: ["eval", w.src, *PPL, "-o", ".", "--force"]),
@@ -326,6 +371,30 @@ CASES: dict[str, tuple[str, Case]] = {
         lambda w: [*APPLY, pickle_only(w), "-o", w.root / "o", "--load-weights"],
     ),
     "pickle only, config only": ("only pickle weights", lambda w: [*APPLY, pickle_only(w), "-o", w.root / "o"]),
+    "wrong tensor shape, config only": (
+        "the weights do not match",
+        lambda w: [*APPLY, wrong_shape(w), "-o", w.root / "o"],
+    ),
+    "wrong tensor shape, streamed": (
+        "the weights do not match",
+        lambda w: ["apply", "gqa", "--num-kv-heads", "1", wrong_shape(w), "-o", w.root / "o", "--streaming"],
+    ),
+    "missing tensor, loaded": (
+        "lacks the tensor",
+        lambda w: [*APPLY, missing_tensor(w), "-o", w.root / "o", "--load-weights"],
+    ),
+    "missing tensor, config only": ("lacks the tensor", lambda w: [*APPLY, missing_tensor(w), "-o", w.root / "o"]),
+    "index names a tensor its shard lacks": (
+        "does not hold it",
+        lambda w: [*APPLY, phantom_tensor(w), "-o", w.root / "o"],
+    ),
+    "no weights at all": ("has no weights", lambda w: [*APPLY, no_weights(w), "-o", w.root / "o"]),
+    "empty gguf": ("not a readable GGUF", lambda w: [*APPLY, w.file("empty.gguf", b""), "-o", w.root / "o"]),
+    "random gguf": (
+        "not a readable GGUF",
+        lambda w: [*APPLY, w.file("noise.gguf", os.urandom(4096)), "-o", w.root / "o"],
+    ),
+    "eval without a tokenizer": ("has no tokenizer", lambda w: ["eval", no_tokenizer(w), *PPL, "-o", w.root / "o"]),
     # ---- compare
     "compare missing": ("no results file", lambda w: ["compare", w.root / "a.json", w.root / "b.json"]),
     "compare not json": (
@@ -379,6 +448,56 @@ CASES: dict[str, tuple[str, Case]] = {
         lambda w: [
             "validate",
             w.recipe("model: !!python/object/apply:os.system ['touch /tmp/surgery-code-ran']\nsteps: []\n"),
+        ],
+    ),
+    "recipe alias loop": (
+        "refers to the mapping or list that contains it",
+        lambda w: ["validate", w.recipe("model: SRC\nsteps: &s [*s]\n")],
+    ),
+    "recipe alias loop in a step": (
+        "refers to",
+        lambda w: ["validate", w.recipe("model: SRC\nsteps:\n  - &m {patch: yarn, factor: 2, x: *m}\n")],
+    ),
+    "recipe set alias loop": (
+        "refers to",
+        lambda w: [
+            "validate",
+            w.recipe("model: SRC\nsteps:\n  - patch: yarn\n    factor: 2\n"),
+            "--set",
+            "steps.0.factor=&a [*a]",
+        ],
+    ),
+    "recipe set twice": (
+        "given 2 times",
+        lambda w: [
+            "validate",
+            w.recipe("model: SRC\nsteps:\n  - patch: yarn\n    factor: 2\n"),
+            "--set",
+            "steps.0.factor=2",
+            "--set",
+            "steps.0.factor=3",
+        ],
+    ),
+    "recipe bool for a number": (
+        "expected a number, got true",
+        lambda w: ["validate", w.recipe("model: SRC\nsteps:\n  - patch: yarn\n    factor: true\n")],
+    ),
+    "run with a patch the model refuses": (
+        "would never slide",
+        lambda w: [
+            "run",
+            w.recipe("model: SRC\nsteps:\n  - patch: sliding-window\n    window: 100000\n"),
+            "-o",
+            w.root / "r",
+        ],
+    ),
+    "run save target busy": (
+        "another surgery process",
+        lambda w: [
+            "run",
+            w.recipe(f"model: SRC\nsteps:\n  - patch: yarn\n    factor: 2\n  - save: {locked(w.root / 'busy')}\n"),
+            "-o",
+            w.root / "r",
         ],
     ),
     "recipe duplicate key": (
@@ -454,6 +573,12 @@ CASES: dict[str, tuple[str, Case]] = {
     # ---- environment
     "push without network": ("push to user/name failed", lambda w: ["push", saved_model(w), "user/name"]),
     "push bad repo id": ("must look like user/name", lambda w: ["push", saved_model(w), "nope"]),
+    "push code": ("code or a pickle", lambda w: ["push", saved_model(w, {"evil.py": "import os"}), "user/name"]),
+    "push pickles": ("code or a pickle", lambda w: ["push", saved_model(w, {"pytorch_model.bin": "x"}), "user/name"]),
+    "push auto_map": (
+        "points at custom code",
+        lambda w: ["push", saved_model(w, {"generation_config.json": '{"auto_map": {}}'}), "user/name"],
+    ),
     "push not a model": ("not a saved model", lambda w: ["push", w.root, "user/name"]),
     "disk full while copying": ("No space left on device", lambda w: [*APPLY, w.src, "-o", w.root / "full"]),
     "disk full while saving": (

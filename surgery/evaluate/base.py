@@ -8,9 +8,9 @@ import time
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
-from surgery.errors import SurgeryError, UnknownEval, did_you_mean
+from surgery.errors import SurgeryError, UnknownEval, did_you_mean, numbers_not_bools
 from surgery.patch import construct
 
 
@@ -26,6 +26,11 @@ class Eval(BaseModel):
     """Base class of every evaluation."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, data: Any) -> Any:
+        return numbers_not_bools(cls, data)
 
     name: ClassVar[str]
     higher_is_better: ClassVar[dict[str, bool]] = {}

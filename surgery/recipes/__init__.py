@@ -4,26 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from surgery.errors import RecipeError, SurgeryError
+from surgery.errors import RecipeError
 from surgery.recipes.schema import Recipe, load_recipe, validate_data
-
-
-def dry_run(recipe: Recipe, model: str | None = None) -> list[str]:
-    """Apply the recipe's patches to a meta-device skeleton of `model` (default: the recipe's),
-    without loading weights; returns one line per patch, or raises RecipeError naming the step."""
-    from surgery.hub import skeleton
-    from surgery.models import load_config
-
-    skeleton_model = skeleton(load_config(model or recipe.model))
-    lines = []
-    for step in recipe.compiled:
-        try:
-            line = step.dry_run(skeleton_model)
-        except SurgeryError as err:
-            raise RecipeError(model or recipe.model, [str(err)]) from None
-        if line:
-            lines.append(line)
-    return lines
+from surgery.recipes.steps import dry_run
 
 
 def run_recipe(recipe: Recipe, out: Any, **kwargs: Any):

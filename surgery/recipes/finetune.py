@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from surgery.data import TextSource, token_blocks
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, numbers_not_bools
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,11 @@ class Finetune(BaseModel):
     """Settings of a finetune step."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_not_bools(cls, data: Any) -> Any:
+        return numbers_not_bools(cls, data)
 
     method: Literal["lora", "full"] = Field("lora", description="lora (merged back after training) or full")
     max_steps: int = Field(50, ge=1, description="optimizer steps")

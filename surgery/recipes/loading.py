@@ -46,16 +46,25 @@ def nesting(text: str) -> int:
 MAX_VALUES = 100_000  # values in a recipe once aliases are expanded (a "billion laughs" stays small on disk)
 
 
-def expanded_size(data: Any, memo: dict[int, int] | None = None) -> int:
+def expanded_size(data: Any) -> int:
     """How many values `data` holds with every alias expanded, in time linear in what was parsed
-    (aliases are shared objects: each is sized once)."""
-    memo = {} if memo is None else memo
-    if id(data) in memo:
-        return memo[id(data)]
-    children = list(data.values()) if isinstance(data, dict) else data if isinstance(data, list) else []
-    size = 1 + sum(expanded_size(child, memo) for child in children)
-    memo[id(data)] = size
-    return size
+    (aliases are shared objects: each is sized once). An alias inside its own anchor is an error."""
+    memo: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(node: Any) -> int:
+        if id(node) in memo:
+            return memo[id(node)]
+        if id(node) in open_:
+            raise yaml.YAMLError("an alias refers to the mapping or list that contains it; write the value out")
+        children = list(node.values()) if isinstance(node, dict) else node if isinstance(node, list) else []
+        open_.add(id(node))
+        total = 1 + sum(size(child) for child in children)
+        open_.discard(id(node))
+        memo[id(node)] = total
+        return total
+
+    return size(data)
 
 
 def safe_yaml(text: str) -> Any:
@@ -65,9 +74,10 @@ def safe_yaml(text: str) -> Any:
         raise yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep")
     try:
         data = yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        values = expanded_size(data)
     except RecursionError:
         raise yaml.YAMLError(f"nested more than {MAX_DEPTH} levels deep") from None
-    if expanded_size(data) > MAX_VALUES:
+    if values > MAX_VALUES:
         raise yaml.YAMLError(f"more than {MAX_VALUES:,} values once aliases are expanded; write the recipe out")
     return data
 
@@ -90,7 +100,10 @@ def parse_yaml(text: str, source: str) -> Any:
 def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> dict[str, Any]:
     """`steps.1.factor=8` style overrides (values parsed as YAML) applied before validation."""
     data = copy.deepcopy(data)
-    problems = []
+    problems: list[str] = []
+    keys = [item.partition("=")[0] for item in overrides]
+    for key in sorted({k for k in keys if keys.count(k) > 1}):
+        problems.append(f"--set {key} is given {keys.count(key)} times; give it once")
     for item in overrides:
         key, eq, raw = item.partition("=")
         if not eq or not key:

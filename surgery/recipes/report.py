@@ -14,13 +14,19 @@ from surgery.recipes.state import RunState
 STATE = "state.json"
 
 
-def run_of(directory: Path) -> str | None:
-    """The fingerprint of the recipe run that wrote `directory` (a save or a report), if any."""
+def run_of(directory: Path) -> dict[str, Any]:
+    """The recipe run that wrote `directory` (a save or a report): its `fingerprint` (the recipe)
+    and `id` (the run itself, kept across resumes); {} for anything else."""
     try:
         run = json.loads((directory / MARKER).read_text()).get("run") or {}
     except (OSError, ValueError, AttributeError):
-        return None
-    return run.get("fingerprint") if isinstance(run, dict) else None
+        return {}
+    return run if isinstance(run, dict) else {}
+
+
+def stamp(state: RunState, **extra: Any) -> dict[str, Any]:
+    """What a run records in the outputs it writes, so that only it may replace them on resume."""
+    return {"fingerprint": state.fingerprint, "id": state.run_id, **extra}
 
 
 def rows(state: RunState) -> list[Row]:
@@ -52,7 +58,7 @@ def labelled(recipe: Any, state: RunState) -> dict[str, Report]:
 def write_report(recipe: Any, out: Path, state: RunState, table: str, force: bool) -> None:
     """Write the report directory `out` atomically: results, recipe, state, plots, report.md."""
     with atomic_dir(out, force) as tmp:
-        (tmp / MARKER).write_text(json.dumps({"run": {"fingerprint": state.fingerprint}}, indent=2) + "\n")
+        (tmp / MARKER).write_text(json.dumps({"run": stamp(state)}, indent=2) + "\n")
         (tmp / "results.json").write_text(Report(model=recipe.model, results=state.results).model_dump_json(indent=2))
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         (tmp / STATE).write_text(state.model_dump_json(indent=2))

@@ -31,11 +31,12 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from surgery.errors import OutputExists, SurgeryError, UnsafeOutput
-from surgery.io import check_target, fault_point, remove_stale, reserve
+from surgery.io import check_target, fault_point, hidden_name, permit, remove_stale, reserve
 from surgery.recipes.report import STATE, final_table, run_of, write_report
 from surgery.recipes.schema import Recipe
 from surgery.recipes.state import RunContext, RunState
 from surgery.recipes.step import Step
+from surgery.recipes.steps import dry_run
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +76,11 @@ def read_state(partial: Path) -> RunState:
 
 def prepare(recipe: Recipe, out: Path, partial: Path, resume: bool, force: bool, sources: list[Path]) -> RunState:
     """Check the whole plan before anything is loaded or removed: the report directory, the
-    interrupted run, and every save target still to be written. Returns the state to start from."""
+    interrupted run, every save target still to be written, and (for a fresh run) every patch on a
+    meta-device skeleton of the model. Returns the state to start from."""
     fp = fingerprint(recipe)
     if resume and not (partial / STATE).is_file():
-        if run_of(out) == fp:
+        if run_of(out).get("fingerprint") == fp:
             raise SurgeryError(f"nothing to resume: {out} holds this run's finished report")
         resume = False  # killed before its first state was written: start from the first step
     if resume:
@@ -100,10 +102,26 @@ def prepare(recipe: Recipe, out: Path, partial: Path, resume: bool, force: bool,
                     f"{partial} is not an interrupted surgery run (no {STATE}); --force will not remove it: "
                     "remove it yourself or choose another --out"
                 )
-    for step in recipe.compiled[state.completed :]:  # an output that exists fails now, not after an hour of work
-        for target, force_it in step.outputs():
-            check_target(target, force_it or (resume and run_of(target) == fp), sources)
+    for target, force_it in outputs(recipe, state):  # an output that exists fails now, not after an hour of work
+        try:
+            check_target(target, force_it, sources)
+        except OutputExists:
+            raise OutputExists(
+                f"{target} already exists (a save step of the recipe); give that step force: true or another path"
+            ) from None
+    if state.completed == 0:
+        dry_run(recipe)  # a patch the model cannot take fails now, before any weight is read
     return state
+
+
+def outputs(recipe: Recipe, state: RunState) -> list[tuple[Path, bool]]:
+    """(directory, may it be replaced) for every output the remaining steps write; what this run
+    wrote itself before a kill may be replaced."""
+    return [
+        (target, force_it or run_of(target).get("id") == state.run_id)
+        for step in recipe.compiled[state.completed :]
+        for target, force_it in step.outputs()
+    ]
 
 
 def open_partial(recipe: Recipe, partial: Path, state: RunState, resume: bool) -> None:
@@ -117,10 +135,11 @@ def open_partial(recipe: Recipe, partial: Path, state: RunState, resume: bool) -
             if p.name not in keep:
                 shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f".{partial.name}.tmp-", dir=partial.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=hidden_name(partial, "tmp-"), dir=partial.parent))
     try:
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         write_state(tmp, state)
+        permit(tmp)
         if partial.exists():
             drop(partial)
         tmp.rename(partial)
@@ -131,7 +150,7 @@ def open_partial(recipe: Recipe, partial: Path, state: RunState, resume: bool) -
 
 def drop(directory: Path) -> None:
     """Remove a directory so that a kill midway leaves either all of it or none under its name."""
-    trash = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
+    trash = Path(tempfile.mkdtemp(prefix=hidden_name(directory, "old-"), dir=directory.parent))
     directory.rename(trash / directory.name)
     shutil.rmtree(trash, ignore_errors=True)
 
@@ -156,12 +175,18 @@ def run_recipe(
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     sources = source_paths(recipe.model)
-    replace_report = force or (resume and run_of(out) == fingerprint(recipe))
-    # only the main process writes, so only it holds the lock on OUT (for the whole run)
-    with reserve(out, replace_report, sources) if main else contextlib.nullcontext():
+    earlier = read_state(partial) if resume and (partial / STATE).is_file() else None
+    replace_report = force or (earlier is not None and run_of(out).get("id") == earlier.run_id)
+    # only the main process writes, so only it holds the locks: on OUT and on every save target,
+    # for the whole run (a second run writing any of them is refused before it loads anything)
+    with contextlib.ExitStack() as locks:
         if main:
+            locks.enter_context(reserve(out, replace_report, sources))
             remove_stale(partial)
         state = prepare(recipe, out, partial, resume, force, sources)
+        if main:
+            for target, force_it in outputs(recipe, state):
+                locks.enter_context(reserve(target, force_it, sources))
         if resume and not (partial / STATE).is_file():
             resume = False
             if main:

@@ -4,6 +4,7 @@ resumed run needs) and the context a running step may read and change."""
 from __future__ import annotations
 
 import dataclasses
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +18,8 @@ from surgery.evaluate.gates import GateOutcome
 class RunState(BaseModel):
     """Everything a resumed run needs, rewritten atomically after each step."""
 
-    fingerprint: str
+    fingerprint: str  # of the recipe as run (with --set values)
+    run_id: str = Field(default_factory=lambda: uuid.uuid4().hex[:16])  # this run, across resumes
     completed: int = 0
     results: list[EvalResult] = []
     gates: list[GateOutcome] = []

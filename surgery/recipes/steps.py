@@ -12,12 +12,12 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from surgery.errors import GateError, SurgeryError, did_you_mean
+from surgery.errors import GateError, RecipeError, SurgeryError, did_you_mean
 from surgery.evaluate.base import EVALS, Eval
 from surgery.evaluate.gates import Gate, evaluate_gates, parse_gate
 from surgery.patch import PATCHES, Patch
 from surgery.recipes.finetune import Finetune
-from surgery.recipes.report import card_section, run_of
+from surgery.recipes.report import card_section, run_of, stamp
 from surgery.recipes.state import RunContext
 from surgery.recipes.step import Seen, Step, build, registered, settings
 
@@ -199,11 +199,11 @@ class SaveStep(Step):
                 path,
                 base_model=ctx.recipe.model,
                 # a resumed run replaces what it wrote itself before a kill, and nothing else
-                force=self.payload.force or run_of(Path(path)) == state.fingerprint,
+                force=self.payload.force or run_of(Path(path)).get("id") == state.run_id,
                 card_extra=card_section(ctx.recipe, state),
                 files={"recipe.yaml": ctx.recipe.to_yaml()},
                 sources=source_paths(ctx.recipe.model),
-                run={"fingerprint": state.fingerprint, "step": self.index},
+                run=stamp(state, step=self.index),
             )
         state.saved.append(path)
         ctx.say(f"    saved {path}")
@@ -295,3 +295,20 @@ def compile_steps(raw_steps: list[Any], problems: list[str]) -> list[Step]:
             compiled.append(step)
         cls.note(raw[verb], seen)
     return compiled
+
+
+def dry_run(recipe: Any, model: str | None = None) -> list[str]:
+    """Apply the recipe's patches to a meta-device skeleton of `model` (default: the recipe's),
+    without loading weights; returns one line per patch, or raises RecipeError naming the step."""
+    from surgery.models import load_config, skeleton
+
+    skeleton_model = skeleton(load_config(model or recipe.model))
+    lines = []
+    for step in recipe.compiled:
+        try:
+            line = step.dry_run(skeleton_model)
+        except SurgeryError as err:
+            raise RecipeError(model or recipe.model, [str(err)]) from None
+        if line:
+            lines.append(line)
+    return lines
