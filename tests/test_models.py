@@ -82,10 +82,14 @@ class DoubleLogits(Patch):
 
     name: ClassVar[str] = "double-logits"
     persist: ClassVar[str] = "runtime"
+    architectures: ClassVar[tuple[str, ...]] = ("llama",)
 
-    def rewrite(self, model):
+    def rewrite(self, model, ctx):
         model.lm_head.register_forward_hook(lambda module, args, out: out * 2)
         return ["hooked lm_head"]
+
+    def verify(self, model, before, ctx):
+        assert model.lm_head._forward_hooks
 
 
 def test_runtime_patches_are_reapplied_by_load_model(saved_tiny, tmp_path, monkeypatch):
