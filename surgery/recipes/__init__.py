@@ -6,7 +6,7 @@ from typing import Any
 
 from surgery.errors import RecipeError
 from surgery.recipes.schema import Recipe, load_recipe, validate_data
-from surgery.recipes.steps import dry_run
+from surgery.recipes.step import dry_run
 
 
 def run_recipe(recipe: Recipe, out: Any, **kwargs: Any):

@@ -35,8 +35,7 @@ from surgery.io import check_target, fault_point, hidden_name, permit, remove_st
 from surgery.recipes.report import STATE, final_table, run_of, write_report
 from surgery.recipes.schema import Recipe
 from surgery.recipes.state import RunContext, RunState
-from surgery.recipes.step import Step
-from surgery.recipes.steps import dry_run
+from surgery.recipes.step import Step, dry_run
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from surgery.errors import did_you_mean, validation_problems
+from surgery.errors import RecipeError, SurgeryError, did_you_mean, validation_problems
 from surgery.recipes.state import RunContext
 
 
@@ -91,3 +91,20 @@ class Step(BaseModel):
     def run(self, ctx: RunContext) -> bool:
         """Run the step; True when the model changed (so the runner checkpoints it)."""
         raise NotImplementedError
+
+
+def dry_run(recipe: Any, model: str | None = None) -> list[str]:
+    """Apply the recipe's patches to a meta-device skeleton of `model` (default: the recipe's),
+    without loading weights; returns one line per patch, or raises RecipeError naming the step."""
+    from surgery.models import load_config, skeleton
+
+    skeleton_model = skeleton(load_config(model or recipe.model))
+    lines = []
+    for step in recipe.compiled:
+        try:
+            line = step.dry_run(skeleton_model)
+        except SurgeryError as err:
+            raise RecipeError(model or recipe.model, [str(err)]) from None
+        if line:
+            lines.append(line)
+    return lines

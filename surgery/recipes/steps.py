@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from surgery.errors import GateError, RecipeError, SurgeryError, did_you_mean
+from surgery.errors import GateError, SurgeryError, did_you_mean
 from surgery.evaluate.base import EVALS, Eval
 from surgery.evaluate.gates import Gate, evaluate_gates, parse_gate
 from surgery.patch import PATCHES, Patch
@@ -295,20 +295,3 @@ def compile_steps(raw_steps: list[Any], problems: list[str]) -> list[Step]:
             compiled.append(step)
         cls.note(raw[verb], seen)
     return compiled
-
-
-def dry_run(recipe: Any, model: str | None = None) -> list[str]:
-    """Apply the recipe's patches to a meta-device skeleton of `model` (default: the recipe's),
-    without loading weights; returns one line per patch, or raises RecipeError naming the step."""
-    from surgery.models import load_config, skeleton
-
-    skeleton_model = skeleton(load_config(model or recipe.model))
-    lines = []
-    for step in recipe.compiled:
-        try:
-            line = step.dry_run(skeleton_model)
-        except SurgeryError as err:
-            raise RecipeError(model or recipe.model, [str(err)]) from None
-        if line:
-            lines.append(line)
-    return lines
