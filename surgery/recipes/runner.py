@@ -31,7 +31,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from surgery.errors import OutputExists, SurgeryError, UnsafeOutput
-from surgery.io import check_target, fault_point, hidden_name, permit, remove_stale, reserve
+from surgery.io import check_target, clear_stale_lock, fault_point, hidden_name, permit, remove_stale, reserve
 from surgery.recipes.report import STATE, final_table, run_of, write_report
 from surgery.recipes.schema import Recipe
 from surgery.recipes.state import RunContext, RunState
@@ -186,6 +186,9 @@ def run_recipe(
         if main:
             for target, force_it in outputs(recipe, state):
                 locks.enter_context(reserve(target, force_it, sources))
+            for step in recipe.compiled[: state.completed]:  # written before a kill: their locks died with it
+                for target, _ in step.outputs():
+                    clear_stale_lock(target)
         if resume and not (partial / STATE).is_file():
             resume = False
             if main:
