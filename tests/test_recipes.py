@@ -174,6 +174,25 @@ def test_failed_gate_exits_1_and_saves_nothing(tiny_dir, tmp_path):
     assert "A gate failed" in (tmp_path / "run" / "report.md").read_text()
 
 
+def test_plots_group_results_by_stage_and_name_them():
+    from surgery.evaluate.base import EvalResult
+    from surgery.recipes.state import RunState
+
+    def result(name: str, step: int) -> EvalResult:
+        return EvalResult(name=name, params={}, metrics={}, details={"step": step})
+
+    state = RunState(fingerprint="f", labels={"0": "before", "1": "before", "3": "after yarn ×2", "4": "after yarn ×2"})
+    state.results = [result("perplexity", 0), result("needle", 1), result("perplexity", 3), result("needle", 4)]
+    state.results.append(result("perplexity", 5))
+    state.labels["5"] = "after yarn ×2"
+    groups = labelled(validate_data({"model": "m", "steps": [{"eval": "perplexity"}]}, "r"), state)
+    assert {k: [(r.name, r.details["step"]) for r in v.results] for k, v in groups.items()} == {
+        "before": [("perplexity", 0), ("needle", 1)],
+        "after yarn ×2": [("perplexity", 3), ("needle", 4)],
+        "after yarn ×2 (step 6)": [("perplexity", 5)],
+    }
+
+
 def test_killed_run_resumes_to_the_same_result(tiny_dir, tmp_path, monkeypatch):
     steps = [PPL, {"patch": "gqa", "num_kv_heads": 1}, HEAL, PPL, {"save": str(tmp_path / "full-save")}]
     recipe = load_recipe(write_recipe(tmp_path, tiny_dir, steps))

@@ -43,15 +43,16 @@ def card_section(recipe: Any, state: RunState) -> str:
 
 
 def labelled(recipe: Any, state: RunState) -> dict[str, Report]:
-    """One report per eval step, named by what the model was then ("before", "after yarn ×2");
-    two evals of one eval family at the same stage are told apart by their step number."""
+    """The results grouped by what the model was when they were measured ("before", "after yarn
+    ×2"): one report per stage, holding each eval family once; a second eval of one family at the
+    same stage gets its own entry, told apart by its step number."""
     out: dict[str, Report] = {}
     for r in state.results:
         step = r.details["step"]
         label = state.labels.get(str(step), f"step {step + 1}")
-        if any(label == k.split(" (step")[0] and any(x.name == r.name for x in v.results) for k, v in out.items()):
+        if label in out and any(x.name == r.name for x in out[label].results):
             label = f"{label} (step {step + 1})"
-        out[label] = Report(model=recipe.model, results=[r])
+        out.setdefault(label, Report(model=recipe.model, results=[])).results.append(r)
     return out
 
 
