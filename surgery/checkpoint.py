@@ -147,10 +147,10 @@ def read_header(path: Path) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
-def weight_files(directory: Path, required: bool = True) -> list[Path]:
-    """The safetensors files of a checkpoint, each checked; an index must name only shards that
-    exist and tensors those shards hold. Refuses a checkpoint with pickle weights only, and (when
-    `required`) one with no weights at all."""
+def weight_files(directory: Path, required: bool = True) -> dict[Path, dict[str, Any]]:
+    """The safetensors files of a checkpoint with their headers, each checked; an index must name
+    only shards that exist and tensors those shards hold. Refuses a checkpoint with pickle weights
+    only, and (when `required`) one with no weights at all."""
     shards = sorted(directory.glob("*.safetensors"))
     if not shards:
         pickles = [f.name for f in sorted(directory.iterdir()) if f.suffix in PICKLE_SUFFIXES]
@@ -161,36 +161,29 @@ def weight_files(directory: Path, required: bool = True) -> list[Path]:
             )
         if required:
             raise UnsafeInput(f"{directory} has no weights (*.safetensors); pass a complete checkpoint")
-    headers = {shard.name: read_header(shard)[0] for shard in shards}
+    headers = {shard: read_header(shard)[0] for shard in shards}
+    names = {shard.name: header for shard, header in headers.items()}
     index = directory / INDEX
     if index.is_file():
         weight_map = read_json(index, "restore the index or remove it").get("weight_map")
         if not isinstance(weight_map, dict):
             raise UnsafeInput(f"{index} has no weight_map; restore the file")
-        missing = sorted({str(f) for f in weight_map.values()} - set(headers))
+        missing = sorted({str(f) for f in weight_map.values()} - set(names))
         if missing:
             raise UnsafeInput(
                 f"{index} lists {', '.join(missing)}, missing from {directory}; the checkpoint is incomplete"
             )
-        absent = sorted(name for name, shard in weight_map.items() if name not in headers[shard])
+        absent = sorted(name for name, shard in weight_map.items() if name not in names[shard])
         if absent:
             raise UnsafeInput(f"{index} places {absent[0]} in {weight_map[absent[0]]}, which does not hold it")
-    return shards
+    return headers
 
 
-def tensor_shapes(shards: list[Path]) -> dict[str, tuple[int, ...]]:
-    """Every tensor's shape, from the (already checked) headers."""
-    shapes = {}
-    for shard in shards:
-        header, _ = read_header(shard)
-        shapes.update({k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"})
-    return shapes
-
-
-def check_tensors(directory: Path, shards: list[Path], expected: dict[str, tuple[int, ...]]) -> None:
+def check_tensors(directory: Path, headers: dict[Path, dict[str, Any]], expected: dict[str, tuple[int, ...]]) -> None:
     """Every parameter the config implies is present with its shape (`expected`, from a meta
-    skeleton), so nothing is silently left at random initialisation or converted wrong."""
-    found = tensor_shapes(shards)
+    skeleton), so nothing is silently left at random initialisation or converted wrong. `headers`
+    are the checked ones `weight_files` returned."""
+    found = {k: tuple(v["shape"]) for h in headers.values() for k, v in h.items() if k != "__metadata__"}
     missing = sorted(set(expected) - set(found))
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -204,6 +197,15 @@ def check_tensors(directory: Path, shards: list[Path], expected: dict[str, tuple
             f"{directory}: {name} has shape {list(found[name])}, its config needs {list(expected[name])}; "
             "the weights do not match config.json"
         )
+
+
+def auto_map_of(path: Path) -> Any:
+    """The top-level `auto_map` of a JSON file (a pointer at custom code), or None."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (OSError, ValueError):
+        return None  # not JSON: nothing transformers would follow
+    return data.get("auto_map") if isinstance(data, dict) else None
 
 
 def carried_over(path: Path) -> bool:

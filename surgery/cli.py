@@ -114,7 +114,7 @@ def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, d
     from surgery.evaluate import make_eval
     from surgery.evaluate.report import Report, parse_spec, write_report
     from surgery.io import atomic_dir, reserve
-    from surgery.models import TOKENIZER_FILES, parse_dtype, resolve, source_paths
+    from surgery.models import TOKENIZER_FILES, parse_dtype, resolve
 
     evals = [make_eval(name, **params) for name, params in map(parse_spec, specs)]  # all validated before loading
     parse_dtype(dtype)
@@ -123,7 +123,7 @@ def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, d
     if path is not None and not any((path / f).is_file() for f in TOKENIZER_FILES):
         raise SurgeryError(f"{model} has no tokenizer, which evaluation needs; save one with the model")
     target = output_path(out, Path.cwd() / f"{source.name}-eval")
-    sources = source_paths(model)
+    sources = source.paths()
     with reserve(target, force, sources):  # an unwritable or busy output fails before the evaluation
         loaded, tokenizer = surgery.load_model(model, dtype=dtype)
         results = []

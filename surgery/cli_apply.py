@@ -171,7 +171,7 @@ def apply_patch(
     streaming: bool | None = False,
 ) -> None:
     from surgery.io import reserve
-    from surgery.models import parse_dtype, resolve, source_paths
+    from surgery.models import parse_dtype, resolve
     from surgery.patch import construct
 
     flags = {n: "--" + n.replace("_", "-") for n in cls.model_fields}
@@ -179,7 +179,7 @@ def apply_patch(
     parse_dtype(dtype)
     source = resolve(model)
     out = output_path(output, Path.cwd() / f"{source.name}-{patch.slug()}")
-    with reserve(out, force, source_paths(model)):  # checked and locked before any work
+    with reserve(out, force, source.paths()):  # checked and locked before any work
         record, how, seconds = apply_reserved(patch, model, source, out, force, dtype, load_weights, streaming)
     for note in record.notes:
         click.echo(f"  {note}")
@@ -197,7 +197,7 @@ def apply_reserved(
     streaming: bool | None,
 ) -> tuple[Any, str, float]:
     from surgery.hub import apply_config_only
-    from surgery.models import local_dir, skeleton, source_paths
+    from surgery.models import local_dir, skeleton
     from surgery.streaming import apply_streaming, should_stream
 
     cls = type(patch)
@@ -223,7 +223,7 @@ def apply_reserved(
         patch.supports(skeleton(surgery.load_config(model)))  # refuse before reading any weights
         loaded, tokenizer = surgery.load_model(model, dtype=dtype)
         record = patch.apply(loaded, tokenizer=tokenizer)
-        surgery.save(loaded, tokenizer, out, base_model=source.base_model, force=force, sources=source_paths(model))
+        surgery.save(loaded, tokenizer, out, base_model=source.base_model, force=force, sources=source.paths())
         how = "weights loaded"
     return record, how, time.perf_counter() - start
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 
-from surgery.checkpoint import carried_over, check_config, check_tensors, weight_files
+from surgery.checkpoint import auto_map_of, carried_over
 from surgery.errors import UnsafeInput
 from surgery.io import atomic_dir, reserve
-from surgery.models import SOURCE_FILE, expected_shapes, skeleton
+from surgery.models import SOURCE_FILE, checked_skeleton
 from surgery.patch import Patch, PatchRecord, get_patch, history
 
 log = logging.getLogger(__name__)
@@ -104,13 +104,15 @@ def write_metadata(
 ) -> None:
     """surgery.json, README.md, and config.json keys that save_pretrained leaves out (each applied
     patch says which: `Patch.saved_config`). No output points at custom code: `auto_map` is dropped
-    from the config and the tokenizer config."""
+    from every JSON file, whether the writer saved it or carried it over (a carried-over file is a
+    copy-on-write clone, so the source keeps its bytes)."""
     extra: dict[str, Any] = {}
     for record in history(config):
         extra.update(get_patch(record["name"]).saved_config(config))
-    edit_json(directory / "config.json", **extra, auto_map=None)
-    if (directory / "tokenizer_config.json").is_file():
-        edit_json(directory / "tokenizer_config.json", auto_map=None)
+    edit_json(directory / "config.json", **extra)
+    for path in sorted(directory.glob("*.json")):
+        if auto_map_of(path) is not None:
+            edit_json(path, auto_map=None)
     (directory / MANIFEST).write_text(json.dumps(manifest(config, base_model, run), indent=2) + "\n")
     (directory / "README.md").write_text(model_card(config, base_model, card_extra))
 
@@ -172,18 +174,11 @@ def apply_config_only(
     """Apply a config-only patch to a checkpoint on disk without reading its weights: the patch
     runs on a skeleton (meta parameters, real rotary buffers) so it is checked and verified exactly
     as in memory; then the new config is written next to copies of the weight files."""
-    from transformers import AutoConfig
 
     assert patch.config_only, f"{patch.name} changes weights"
     out, src = Path(out), Path(src)
     with reserve(out, force, [src]):
-        check_config(src)
-        shards = weight_files(src)  # a corrupt or incomplete checkpoint is refused, not copied
-        config = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
-        dtype = config.dtype
-        model = skeleton(config)
-        check_tensors(src, shards, expected_shapes(model))
-        model.config.architectures = [type(model).__name__]  # never a class name the source made up
+        model, _, dtype = checked_skeleton(src)  # a corrupt or incomplete checkpoint is refused, not copied
         record = patch.apply(model)
         model.config.dtype = dtype  # from_config would otherwise record the skeleton's float32
         with atomic_dir(out, force, [src]) as tmp:
@@ -199,18 +194,6 @@ def copy_unchanged(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
     for f in sorted(src.iterdir()):
         if carried_over(f) and f.name not in NOT_COPIED and f.name not in skip:
             clone_file(f, dst / f.name)
-            if f.suffix == ".json":
-                drop_auto_map(dst / f.name)
-
-
-def drop_auto_map(path: Path) -> None:
-    """Remove a top-level `auto_map` (a pointer at custom code) from a JSON file, if it has one."""
-    try:
-        data = json.loads(path.read_bytes())
-    except ValueError:
-        return  # not JSON: nothing transformers would follow
-    if isinstance(data, dict) and "auto_map" in data:
-        edit_json(path, auto_map=None)  # the clone is copy-on-write: the source keeps its bytes
 
 
 def push(
@@ -259,13 +242,8 @@ def refuse_foreign(folder: Path) -> None:
     for f in sorted(folder.rglob("*")):
         if f.is_file() and not carried_over(f):
             raise UnsafeInput(f"{folder} holds {f.relative_to(folder)} (code or a pickle); surgery pushes neither")
-        if f.suffix == ".json" and f.is_file():
-            try:
-                data = json.loads(f.read_bytes())
-            except ValueError:
-                continue
-            if isinstance(data, dict) and "auto_map" in data:
-                raise UnsafeInput(f"{folder}/{f.relative_to(folder)} points at custom code (auto_map); remove it first")
+        if f.suffix == ".json" and auto_map_of(f) is not None:
+            raise UnsafeInput(f"{folder}/{f.relative_to(folder)} points at custom code (auto_map); remove it first")
 
 
 def read_patches(folder: Path) -> list[dict[str, Any]]:

@@ -54,6 +54,15 @@ class Source:
     name: str  # short name for output directories
     base_model: str  # what a model card calls the base model
 
+    def paths(self) -> list[Path]:
+        """The files and directories the model is read from, which no output may replace (none
+        for hub ids)."""
+        if self.kind == "dir":
+            return [Path(self.location)]
+        if self.kind == "gguf":
+            return [Path(self.location), _gguf_cache_path(Path(self.location))]
+        return []
+
 
 def cache_dir() -> Path:
     """Where converted GGUF checkpoints live: $SURGERY_CACHE, else ~/.cache/surgery."""
@@ -89,16 +98,6 @@ def resolve(ref: str) -> Source:
             f"a hub id (org/name) or one of: {', '.join(BUILTIN)}"
         )
     return Source("hub", ref, ref.split("/")[-1], ref)
-
-
-def source_paths(ref: str) -> list[Path]:
-    """The files and directories `ref` is read from, which no output may replace (none for hub ids)."""
-    source = resolve(ref)
-    if source.kind == "dir":
-        return [Path(source.location)]
-    if source.kind == "gguf":
-        return [Path(source.location), _gguf_cache_path(Path(source.location))]
-    return []
 
 
 def base_model_of_dir(path: Path) -> str:
@@ -228,14 +227,21 @@ def expected_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def check_weights(path: Path) -> None:
-    """Refuse a local checkpoint whose safetensors are corrupt, incomplete, pickles, or do not
-    match its config (a missing tensor would otherwise be filled with random values)."""
+def checked_skeleton(path: Path) -> tuple[Any, list[Path], Any]:
+    """(meta-device skeleton, safetensors files, checkpoint dtype) of the local checkpoint at
+    `path`, once it has passed every input check: a config without custom code, headers and index
+    intact, and every parameter the config implies present with its shape (transformers would
+    fill a missing one with random values). The skeleton's config names the real model class."""
     from transformers import AutoConfig
 
-    shards = weight_files(path)
+    check_config(path)
+    headers = weight_files(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
-    check_tensors(path, shards, expected_shapes(skeleton(config)))
+    dtype = config.dtype
+    model = skeleton(config)
+    check_tensors(path, headers, expected_shapes(model))
+    model.config.architectures = [type(model).__name__]  # never a class name the source made up
+    return model, list(headers), dtype
 
 
 def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None = None) -> tuple[Any, Any]:
@@ -251,7 +257,7 @@ def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None =
     where = str(path) if path is not None else source.location
     local = path is not None
     if local:
-        check_weights(path)  # corrupt, incomplete, mismatched or pickle-only: one line, nothing loaded
+        checked_skeleton(path)  # corrupt, incomplete, mismatched or pickle-only: one line, nothing loaded
     try:
         model = AutoModelForCausalLM.from_pretrained(
             where,

@@ -18,11 +18,11 @@ from typing import Any
 
 import torch
 
-from surgery.checkpoint import INDEX, check_config, check_tensors, read_header, weight_files
+from surgery.checkpoint import INDEX, read_header
 from surgery.errors import SurgeryError
 from surgery.hub import copy_unchanged, write_metadata
 from surgery.io import atomic_dir, reserve
-from surgery.models import expected_shapes, skeleton
+from surgery.models import checked_skeleton
 from surgery.patch import Patch, PatchRecord
 
 log = logging.getLogger(__name__)
@@ -153,19 +153,10 @@ def apply_streaming(
     patch: Patch, src: Path, out: str | Path, *, base_model: str | None = None, force: bool = False
 ) -> tuple[Path, PatchRecord]:
     """Apply a streamable patch to a safetensors checkpoint on disk, tensor by tensor."""
-    from transformers import AutoConfig
 
     src, out = Path(src), Path(out)
     with reserve(out, force, [src]):
-        check_config(src)
-        shards = weight_files(src)  # headers checked, index complete: nothing corrupt is streamed
-        if not shards:
-            raise SurgeryError(f"{src} has no .safetensors files to stream; convert it or drop --streaming")
-        config = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
-        dtype = config.dtype
-        model = skeleton(config)
-        check_tensors(src, shards, expected_shapes(model))
-        model.config.architectures = [type(model).__name__]
+        model, shards, dtype = checked_skeleton(src)  # nothing corrupt or incomplete is streamed
         transform = patch.tensor_transform(model.config)  # from the config *before* the patch
         record = patch.apply(model)  # on meta: validates, rewrites shapes, verifies, records
         model.config.dtype = dtype

@@ -167,13 +167,13 @@ def run_recipe(
     import torch
     from accelerate import PartialState
 
-    from surgery.models import source_paths
+    from surgery.models import resolve
 
     process = PartialState(cpu=not torch.cuda.is_available())  # CPU-only: gloo across processes
     main = process.is_main_process
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
-    sources = source_paths(recipe.model)
+    sources = resolve(recipe.model).paths()
     earlier = read_state(partial) if resume and (partial / STATE).is_file() else None
     replace_report = force or (earlier is not None and run_of(out).get("id") == earlier.run_id)
     # only the main process writes, so only it holds the locks: on OUT and on every save target,
@@ -195,6 +195,7 @@ def run_recipe(
                 echo(f"nothing to resume in {partial}: starting from the first step")
         say = echo if main else (lambda _msg: None)
         ctx = start(recipe, partial, state, resume, say, main, api)
+        ctx.sources = sources
         process.wait_for_everyone()
         for step in recipe.compiled:
             if step.index >= state.completed:

@@ -53,3 +53,4 @@ class RunContext:
     say: Callable[[str], None]
     main: bool  # only the main process writes files
     api: Any = None  # the Hub API (tests inject a local one)
+    sources: list[Any] = dataclasses.field(default_factory=list)  # what the recipe's model is read from

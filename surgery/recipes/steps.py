@@ -189,7 +189,6 @@ class SaveStep(Step):
 
     def run(self, ctx: RunContext) -> bool:
         import surgery
-        from surgery.models import source_paths
 
         path, state = self.payload.path, ctx.state
         if ctx.main:
@@ -202,7 +201,7 @@ class SaveStep(Step):
                 force=self.payload.force or run_of(Path(path)).get("id") == state.run_id,
                 card_extra=card_section(ctx.recipe, state),
                 files={"recipe.yaml": ctx.recipe.to_yaml()},
-                sources=source_paths(ctx.recipe.model),
+                sources=ctx.sources,
                 run=stamp(state, step=self.index),
             )
         state.saved.append(path)
