@@ -1,10 +1,13 @@
-"""Text for evaluation and healing. The offline default is the standard library's
-`pydoc_data.topics` (the Python language reference, ~113k SmolLM2 tokens of English prose),
-split deterministically by topic so an eval never scores text a fine-tune trained on. Users point
-at a local .txt / .jsonl file or any `datasets` dataset (`hf:NAME[:CONFIG]`)."""
+"""Text for evaluation and healing. Two offline domains every install has, each split
+deterministically into train and held-out parts so an eval never scores text a fine-tune trained
+on: `pydoc` (the default: the standard library's `pydoc_data.topics`, the Python language
+reference, ~113k SmolLM2 tokens of English prose) and `docs` (docstrings of the installed torch and
+transformers). Users point at a local .txt / .jsonl file or any `datasets` dataset
+(`hf:NAME[:CONFIG]`)."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -20,18 +23,19 @@ Split = Literal["train", "heldout"]
 def check_source(source: str) -> str:
     """A text source that can be read: pydoc, hf:NAME[:CONFIG], or an existing .txt/.jsonl file
     (checked when parameters are validated, before any model is loaded)."""
-    if source == "pydoc" or (source.startswith("hf:") and len(source) > 3):
+    if source in NAMED or (source.startswith("hf:") and len(source) > 3):
         return source
     path = Path(source).expanduser()
     if not path.is_file():
-        raise ValueError(f"no such text source '{source}'; use pydoc, a .txt or .jsonl file, or hf:NAME[:CONFIG]")
+        raise ValueError(f"no such text source '{source}'; use pydoc, docs, a .txt or .jsonl file, or hf:NAME[:CONFIG]")
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"text source '{source}' is not a .txt or .jsonl file")
     return source
 
 
 TextSource = Annotated[str, AfterValidator(check_source)]
-HELDOUT_EVERY = 5  # one topic in five is held out
+HELDOUT_EVERY = 5  # one topic (or docstring) in five is held out
+NAMED = ("pydoc", "docs")  # the offline sources every install has
 
 
 def is_heldout(topic: str) -> bool:
@@ -49,17 +53,69 @@ def pydoc_text(split: Split) -> str:
     return "\n\n".join(pydoc_topics_split(split))
 
 
+# The second offline domain: API documentation (docstrings) of the installed torch and
+# transformers, read from their source files with `ast` (nothing is imported or run). Technical
+# prose about tensors and models, unlike the language reference in pydoc.
+DOCS_PACKAGES = {
+    "torch": ("nn/modules", "optim", "utils/data", "distributions"),
+    "transformers": ("generation", "pipelines", "."),
+}
+DOCS_MIN_CHARS = 300
+
+
+def docs_split(split: Split) -> tuple[str, ...]:
+    """The docstrings (at least DOCS_MIN_CHARS long) of one part, in a fixed order; a docstring is
+    held out by a hash of its qualified name, so the split is stable across versions."""
+    return _docs()[split == "heldout"]
+
+
+@functools.lru_cache(maxsize=1)
+def _docs() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    import ast
+    import importlib.util
+
+    out: tuple[list[str], list[str]] = ([], [])
+    for package, folders in DOCS_PACKAGES.items():
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = Path(spec.submodule_search_locations[0])
+        for folder in folders:
+            where = root / folder
+            files = sorted(where.glob("*.py") if folder == "." else where.rglob("*.py"))
+            for path in files:
+                try:
+                    tree = ast.parse(path.read_text(encoding="utf-8"))
+                except (SyntaxError, UnicodeDecodeError, OSError):
+                    continue
+                module = f"{package}.{path.relative_to(root).with_suffix('').as_posix().replace('/', '.')}"
+                nodes = [tree] + [
+                    n for n in ast.walk(tree) if isinstance(n, (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                ]
+                for node in nodes:
+                    doc = ast.get_docstring(node)
+                    if not doc or len(doc) < DOCS_MIN_CHARS:
+                        continue
+                    name = f"{module}.{getattr(node, 'name', '')}"
+                    out[is_heldout(name)].append(doc.strip())
+    if not out[1]:
+        raise SurgeryError("the docs text needs torch and transformers installed; use --text pydoc")
+    return tuple(out[0]), tuple(out[1])
+
+
 def load_text(source: str = "pydoc", split: Split = "heldout", field: str = "text") -> str:
     """The text of a source: `pydoc`, a .txt or .jsonl path, or `hf:NAME[:CONFIG]`."""
     if source == "pydoc":
         return pydoc_text(split)
+    if source == "docs":
+        return "\n\n".join(docs_split(split))
     if source.startswith("hf:"):
         return dataset_text(source[3:], split, field)
     path = Path(source).expanduser()
     if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
         raise SurgeryError(
             f"{'no such text source' if not path.is_file() else 'not a .txt or .jsonl file'}: '{source}'; "
-            "use pydoc, a .txt or .jsonl file, or hf:NAME[:CONFIG]"
+            "use pydoc, docs, a .txt or .jsonl file, or hf:NAME[:CONFIG]"
         )
     try:
         text = path.read_text(encoding="utf-8")

@@ -11,6 +11,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from surgery.errors import SurgeryError, UnknownEval, did_you_mean, numbers_not_bools
+from surgery.evaluate.stats import Estimate
 from surgery.patch import construct
 
 
@@ -20,6 +21,15 @@ class EvalResult(BaseModel):
     metrics: dict[str, float]
     details: dict[str, Any] = {}
     seconds: float = 0.0
+    intervals: dict[str, tuple[float, float]] = {}  # 95% interval of each metric that has one
+    counts: dict[str, int] = {}  # independent samples behind each interval (prompts, blocks)
+
+    def estimate(self, metric: str) -> Estimate | None:
+        """The metric with its interval, or None when it has no interval."""
+        if metric not in self.intervals:
+            return None
+        low, high = self.intervals[metric]
+        return Estimate(self.metrics[metric], low, high, self.counts.get(metric, 0))
 
 
 class Eval(BaseModel):
@@ -45,8 +55,9 @@ class Eval(BaseModel):
                 return better
         return True
 
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> tuple[dict[str, float], dict[str, Any]]:
-        """Return (metrics without the eval-name prefix, details)."""
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> tuple[dict[str, float | Estimate], dict[str, Any]]:
+        """Return (metrics without the eval-name prefix, details); a metric given as an `Estimate`
+        keeps its 95% interval and sample count."""
         raise NotImplementedError
 
     def run(self, model: torch.nn.Module, tokenizer: Any) -> EvalResult:
@@ -60,12 +71,16 @@ class Eval(BaseModel):
                 metrics, details = self.evaluate(model, tokenizer)
         finally:
             model.train(was_training)
+        named = {f"{self.name}.{k}": v for k, v in metrics.items()}
+        estimates = {k: v for k, v in named.items() if isinstance(v, Estimate)}
         return EvalResult(
             name=self.name,
             params=self.model_dump(mode="json"),
-            metrics={f"{self.name}.{k}": float(v) for k, v in metrics.items()},
+            metrics={k: float(v.value if isinstance(v, Estimate) else v) for k, v in named.items()},
             details=details,
             seconds=time.perf_counter() - start,
+            intervals={k: (float(e.low), float(e.high)) for k, e in estimates.items()},
+            counts={k: int(e.n) for k, e in estimates.items()},
         )
 
 

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, progress, register
+from surgery.evaluate.stats import wilson
 
 log = logging.getLogger(__name__)
 
@@ -123,9 +124,10 @@ class Needle(Eval):
         for (n, d, _), hit in zip(cells, hits, strict=True):
             grid.setdefault(str(n), {}).setdefault(str(d), 0.0)
             grid[str(n)][str(d)] += hit / self.trials
-        metrics = {"acc": sum(hits) / len(hits)}
+        metrics = {"acc": wilson(sum(hits), len(hits))}  # Wilson 95% intervals over prompts
         for n in self.lengths:
-            metrics[f"acc@{n}"] = sum(grid[str(n)].values()) / len(self.depths)
+            at = [hit for (length, _, _), hit in zip(cells, hits, strict=True) if length == n]
+            metrics[f"acc@{n}"] = wilson(sum(at), len(at))
         samples = [
             {"length": n, "depth": d, "key": k, "answer": a} for (n, d, k), a in zip(cells, answers, strict=True)
         ]

@@ -19,6 +19,7 @@ from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, progress, register
 from surgery.evaluate.cache import make_cache
+from surgery.evaluate.stats import block_mean
 
 log = logging.getLogger(__name__)
 LOGIT_SLICE = 1024  # positions per lm_head call: 1024 x 49k fp32 = 200 MB
@@ -57,6 +58,21 @@ def token_losses(model: torch.nn.Module, ids: torch.Tensor, chunk: int | None = 
     return torch.cat(parts, dim=1)
 
 
+def text_windows(tokenizer: Any, text: str, split: str, length: int, samples: int, bos: bool, who: str) -> torch.Tensor:
+    """(samples, length) consecutive token windows of one split of a text, each after an optional
+    BOS: identical ids for every model sharing the tokenizer."""
+    stream = token_stream(tokenizer, load_text(text, split))
+    first = [tokenizer.bos_token_id] if bos and tokenizer.bos_token_id is not None else []
+    body = length - len(first)
+    if len(stream) < body * samples:
+        raise SurgeryError(
+            f"{who}: the {text} text ({split}) has {len(stream)} tokens, fewer than "
+            f"{samples} x {body}; lower the length or samples, or use a longer text"
+        )
+    head = torch.tensor(first, dtype=torch.long)
+    return torch.stack([torch.cat([head, stream[i * body : (i + 1) * body]]) for i in range(samples)])
+
+
 @register
 class Perplexity(Eval):
     """Perplexity at each context length and by position band."""
@@ -66,7 +82,7 @@ class Perplexity(Eval):
 
     lengths: list[int] = Field([2048], description="context lengths L; ppl@L averages positions below L")
     band: int | None = Field(None, gt=0, description="also report perplexity in bands of this many positions")
-    text: TextSource = Field("pydoc", description="text source: pydoc, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
+    text: TextSource = Field("pydoc", description="text source: pydoc, docs, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
     split: str = Field("heldout", description="train or heldout part of the source")
     samples: int = Field(1, ge=1, description="consecutive windows of max(lengths) tokens, averaged")
     batch: int = Field(1, ge=1, description="windows per forward")
@@ -95,19 +111,7 @@ class Perplexity(Eval):
 
     def windows(self, tokenizer: Any) -> torch.Tensor:
         """(samples, max_len) token ids; the same for every model sharing the tokenizer."""
-        stream = token_stream(tokenizer, load_text(self.text, self.split))
-        bos = [tokenizer.bos_token_id] if self.bos and tokenizer.bos_token_id is not None else []
-        body = max(self.lengths) - len(bos)
-        if len(stream) < body * self.samples:
-            raise SurgeryError(
-                f"perplexity: the {self.text} text ({self.split}) has {len(stream)} tokens, fewer than "
-                f"{self.samples} x {body}; lower lengths or samples, or use a longer text"
-            )
-        rows = [
-            torch.cat([torch.tensor(bos, dtype=torch.long), stream[i * body : (i + 1) * body]])
-            for i in range(self.samples)
-        ]
-        return torch.stack(rows)
+        return text_windows(tokenizer, self.text, self.split, max(self.lengths), self.samples, self.bos, self.name)
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> tuple[dict[str, float], dict[str, Any]]:
         device = next(model.parameters()).device
@@ -119,12 +123,14 @@ class Perplexity(Eval):
                 log.info("perplexity: %d x %d tokens", ids.shape[0], ids.shape[1])
                 losses.append(token_losses(model, ids, self.chunk).cpu())
                 bar.update(ids.shape[0])
-        loss = torch.cat(losses).double().mean(0)  # (max_len - 1,): loss at position p predicts p+1
-        metrics = {f"ppl@{n}": math.exp(loss[: n - 1].mean().item()) for n in self.lengths}
+        rows = torch.cat(losses).double()  # (samples, max_len - 1): loss at position p predicts p+1
+        loss = rows.mean(0)
+        # intervals: block bootstrap over 128-position blocks of every window (stats.py)
+        metrics = {f"ppl@{n}": block_mean(rows[:, : n - 1].numpy()).map(math.exp) for n in self.lengths}
         if self.band:
             for a in range(0, len(loss), self.band):
                 b = min(a + self.band, len(loss))
-                metrics[f"band_ppl@{a}-{b}"] = math.exp(loss[a:b].mean().item())
+                metrics[f"band_ppl@{a}-{b}"] = block_mean(rows[:, a:b].numpy()).map(math.exp)
         edges = torch.linspace(0, len(loss), self.buckets + 1).long().tolist()
         curve = [
             [(a + b) / 2, math.exp(loss[a:b].mean().item())]

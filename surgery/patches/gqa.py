@@ -99,7 +99,7 @@ class GQA(Patch):
     )
     calibration_tokens: int = Field(2048, ge=16, description="tokens of calibration text for the alignment")
     calibration_text: TextSource = Field(
-        "pydoc", description="calibration source (train split): pydoc, a file, or hf:NAME"
+        "pydoc", description="calibration source (train split): pydoc, docs, a file, or hf:NAME"
     )
     fit_tokens: int = Field(8192, ge=16, description="fitted: calibration tokens the layers are fitted on")
     fit_steps: int = Field(50, ge=0, description="fitted: Adam steps per layer (4 sequences each)")

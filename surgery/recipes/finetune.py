@@ -43,7 +43,7 @@ class Finetune(BaseModel):
     weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay")
     seed: int | None = Field(None, description="data order and LoRA init (default: the recipe's seed)")
     text: TextSource = Field(
-        "pydoc", description="text source (train part): pydoc, a .txt/.jsonl file, or hf:NAME[:CONFIG]"
+        "pydoc", description="text source (train part): pydoc, docs, a .txt/.jsonl file, or hf:NAME[:CONFIG]"
     )
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator")

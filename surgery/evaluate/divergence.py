@@ -1,0 +1,308 @@
+"""Divergence from the original: the patched model's next-token distributions against a reference
+model's, position by position, on the same token windows (llama.cpp's `--kl-divergence`).
+
+Metrics at the window length L: KL(reference ‖ patched) per token (mean, median, p99, max), top-1
+agreement (the same most likely next token), and the perplexity ratio patched / reference on the
+real next tokens; each with a block-bootstrap 95% interval. A KL-by-position curve shows where a
+patch starts to hurt ("fine up to the window, broken after it").
+
+The reference never has to share memory with the patched model. Its statistics are computed once
+and cached on disk (`$SURGERY_CACHE/reference`, keyed by the reference's files, the tokenizer, the
+text and the window settings): per position the top-k token ids and their log-probabilities, and
+the log-probability of the real next token. KL is then computed against that file:
+
+    KL_k = Σ_{i∈K} p_i log(p_i / q_i) + r log(r / s),   r = 1 - Σ_K p_i,  s = 1 - Σ_K q_i
+
+which is the exact KL between the two distributions with the tail outside the reference's top k
+lumped into one outcome. By the log-sum inequality KL_k <= KL (a lower bound). Every tail token
+has p_i <= p_min (the smallest top-k probability), and the tail's contribution Σ p_i log(p_i / q_i)
+is convex in p, so it is at most the value of filling the tail tokens with the smallest q_i up to
+p_min each until r is spent: that gives an upper bound KL_hi computed from the patched model's
+full distribution. Every position reports exact KL within [KL_k, KL_hi]; `kl_gap@L` is the mean
+width, and it is 0 with `top_k=0`, which keeps the reference loaded and computes KL exactly."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from surgery.data import TextSource
+from surgery.errors import SurgeryError
+from surgery.evaluate.base import Eval, progress, register
+from surgery.evaluate.cache import make_cache
+from surgery.evaluate.perplexity import LOGIT_SLICE, text_windows
+from surgery.evaluate.stats import block_mean, block_quantile
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+
+
+def final_hidden(model: torch.nn.Module, ids: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Final hidden states at positions 0..T-2 of `ids` (B, T), the ones that predict a token of
+    the window; `chunk` feeds the text through the model's KV cache, as generation reads it."""
+    base = getattr(model, model.base_model_prefix)
+    last = ids.shape[1] - 1
+    if not chunk:
+        return base(input_ids=ids, use_cache=False).last_hidden_state[:, :last]
+    cache = make_cache(model)
+    parts = []
+    for s in range(0, last, chunk):
+        hidden = base(input_ids=ids[:, s : s + chunk], cache=cache, use_cache=True).last_hidden_state
+        parts.append(hidden[:, : min(chunk, last - s)])
+    return torch.cat(parts, dim=1)
+
+
+def log_probs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities (float32) from final hidden states; call on LOGIT_SLICE
+    positions at a time (the full-vocabulary tensor is the large one)."""
+    logits = model.get_output_embeddings()(hidden).float()
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def topk_stats(logp: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
+    """The compact reference of one slice: top-k ids and log-probs, and the real token's log-prob."""
+    values, index = logp.topk(k, dim=-1)
+    return {
+        "topk_ids": index.to(torch.int32),
+        "topk_logp": values,
+        "target_logp": logp.gather(-1, targets[..., None]).squeeze(-1),
+    }
+
+
+def tail_bound(logq: torch.Tensor, ids: torch.Tensor, p_min: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """Upper bound of Σ_{i∉K} p_i log(p_i / q_i) given p_i <= p_min and Σ_{i∉K} p_i = r: fill the
+    tail tokens with the smallest q_i up to p_min each (the maximum of a convex function on this
+    polytope is at such a vertex). logq (..., V); ids (..., k); p_min, r (...)."""
+    masked = logq.scatter(-1, ids.long(), float("inf"))  # top-k tokens are not in the tail
+    full = torch.where(p_min > 0, torch.floor(r / p_min.clamp_min(1e-30)), torch.zeros_like(r))
+    tail = logq.shape[-1] - ids.shape[-1]
+    m = int(min(tail, (full.max().item() if full.numel() else 0) + 1))
+    if m <= 0:
+        return torch.zeros_like(r)
+    smallest = (-(-masked).topk(m, dim=-1).values).clamp_max(0)  # ascending log q of the tail
+    j = torch.arange(m, device=logq.device)
+    weight = torch.where(j < full[..., None], p_min[..., None], torch.zeros((), device=logq.device))
+    rest = (r - full * p_min).clamp_min(0)
+    weight = torch.where(j == full[..., None], rest[..., None], weight)
+    term = torch.where(weight > 0, weight * (weight.clamp_min(1e-30).log() - smallest), torch.zeros_like(weight))
+    return term.sum(-1)
+
+
+def compare_exact(logp: torch.Tensor, logq: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position exact KL(p ‖ q), top-1 agreement and both models' NLL of the real tokens."""
+    kl = (logp.exp() * (logp - logq)).sum(-1).clamp_min(0)
+    return {
+        "kl": kl,
+        "kl_hi": kl,
+        "top1": (logp.argmax(-1) == logq.argmax(-1)).float(),
+        "nll_ref": -logp.gather(-1, targets[..., None]).squeeze(-1),
+        "nll": -logq.gather(-1, targets[..., None]).squeeze(-1),
+    }
+
+
+def compare_topk(ref: dict[str, torch.Tensor], logq: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same from a compact reference: KL_k (a lower bound) and KL_hi (an upper bound)."""
+    ids, logp = ref["topk_ids"].long(), ref["topk_logp"].float()
+    p = logp.exp()
+    q_at = logq.gather(-1, ids)
+    r = (1 - p.sum(-1)).clamp_min(0)
+    s = (1 - q_at.exp().sum(-1)).clamp_min(1e-30)
+    head = (p * (logp - q_at)).sum(-1)
+    lumped = torch.where(r > 0, r * (r.clamp_min(1e-30).log() - s.log()), torch.zeros_like(r))
+    kl = (head + lumped).clamp_min(0)
+    hi = head + tail_bound(logq, ids, p[..., -1], r)
+    return {
+        "kl": kl,
+        "kl_hi": torch.maximum(hi, kl),
+        "top1": (ids[..., 0] == logq.argmax(-1)).float(),
+        "nll_ref": -ref["target_logp"].float(),
+        "nll": -logq.gather(-1, targets[..., None]).squeeze(-1),
+    }
+
+
+def model_identity(reference: str) -> dict[str, Any]:
+    """What the cached reference statistics depend on in the reference model: its files' names,
+    sizes and modification times for local models, the id for hub models."""
+    from surgery.models import resolve
+
+    source = resolve(reference)
+    files = []
+    for root in source.paths()[:1]:
+        candidates = sorted(root.glob("*.json")) + sorted(root.glob("*.safetensors")) if root.is_dir() else [root]
+        for f in candidates:
+            st = f.stat()
+            files.append([str(f.resolve()), st.st_size, st.st_mtime_ns])
+    return {"kind": source.kind, "location": source.location if source.kind == "hub" else None, "files": files}
+
+
+@register
+class Divergence(Eval):
+    """KL divergence, top-1 agreement and perplexity ratio against a reference model."""
+
+    name: ClassVar[str] = "divergence"
+    higher_is_better: ClassVar[dict[str, bool]] = {"top1": True, "kl": False, "ppl": False, "ref_ppl": False}
+
+    reference: str | None = Field(
+        None, description="the model to compare with (in a recipe: the recipe's model, when not given)"
+    )
+    length: int = Field(2048, ge=2, description="tokens per window; metrics are named @length")
+    samples: int = Field(4, ge=1, description="consecutive windows of the text")
+    text: TextSource = Field("pydoc", description="text source: pydoc, docs, a .txt/.jsonl file, or hf:NAME[:CONFIG]")
+    split: str = Field("heldout", pattern="^(train|heldout)$", description="train or heldout part of the source")
+    chunk: int | None = Field(None, gt=0, description="feed the patched model the text through its KV cache in chunks")
+    top_k: int = Field(
+        128, ge=0, description="reference log-probs kept per position (0: keep the reference loaded, exact KL)"
+    )
+    batch: int = Field(1, ge=1, description="windows per forward")
+    bos: bool = Field(True, description="prepend the tokenizer's BOS token when it has one")
+    buckets: int = Field(32, ge=1, description="points in the KL-by-position curve")
+
+    def for_recipe(self, model: str) -> Divergence:
+        return self if self.reference else self.model_copy(update={"reference": model})
+
+    def windows(self, tokenizer: Any) -> torch.Tensor:
+        return text_windows(tokenizer, self.text, self.split, self.length, self.samples, self.bos, self.name)
+
+    # ------------------------------------------------------------------ reference statistics
+
+    def cache_path(self, windows: torch.Tensor) -> Path:
+        """Where the reference statistics for these token windows live: keyed by the reference's
+        files, the exact token ids, and the settings that shape the statistics."""
+        from surgery.models import cache_dir
+
+        key = {
+            "version": CACHE_VERSION,
+            "reference": model_identity(self.need_reference()),
+            "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+            "shape": list(windows.shape),
+            "top_k": self.top_k,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+        return cache_dir() / "reference" / f"{digest}.safetensors"
+
+    def need_reference(self) -> str:
+        if not self.reference:
+            raise SurgeryError("divergence needs reference=MODEL (the model to compare with)")
+        return self.reference
+
+    def reference_stats(self, tokenizer: Any, windows: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The reference's top-k statistics for `windows`: read from the cache, else computed
+        (loading the reference model once) and cached."""
+        from safetensors.torch import load_file, save_file
+
+        path = self.cache_path(windows)
+        positions = (windows.shape[0], windows.shape[1] - 1)
+        if path.is_file():
+            try:
+                stats = load_file(path)
+                if stats["target_logp"].shape == positions and stats["topk_ids"].shape[-1] == self.top_k:
+                    log.info("divergence: reference statistics from %s", path)
+                    return stats
+            except Exception as err:  # a torn or foreign file: recompute it
+                log.warning("divergence: ignoring unreadable reference cache %s (%s)", path, err)
+        import surgery
+
+        reference, _ = surgery.load_model(self.need_reference(), dtype=dtype)
+        reference.eval()
+        parts: dict[str, list[torch.Tensor]] = {"topk_ids": [], "topk_logp": [], "target_logp": []}
+        with torch.inference_mode(), progress(len(windows), "divergence: reference", "window") as bar:
+            for s in range(0, len(windows), self.batch):
+                ids = windows[s : s + self.batch].to(next(reference.parameters()).device)
+                pieces: dict[str, list[torch.Tensor]] = {k: [] for k in parts}
+                hidden = final_hidden(reference, ids)
+                for a in range(0, hidden.shape[1], LOGIT_SLICE):
+                    logp = log_probs(reference, hidden[:, a : a + LOGIT_SLICE])
+                    got = topk_stats(logp, ids[:, a + 1 : a + 1 + logp.shape[1]], self.top_k)
+                    for k, v in got.items():
+                        pieces[k].append(v.cpu())
+                for k in parts:
+                    parts[k].append(torch.cat(pieces[k], dim=1))
+                bar.update(ids.shape[0])
+        del reference
+        stats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            save_file(stats, str(tmp), metadata={"reference": self.need_reference(), "text": self.text})
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return stats
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        windows = self.windows(tokenizer)
+        device = next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        if self.top_k:
+            stats = self.reference_stats(tokenizer, windows, dtype)
+            reference = None
+        else:
+            import surgery
+
+            reference, _ = surgery.load_model(self.need_reference(), dtype=dtype)
+            reference.eval()
+        rows: dict[str, list[torch.Tensor]] = {}
+        with progress(len(windows), f"divergence ({self.length} tokens)", "window") as bar:
+            for s in range(0, len(windows), self.batch):
+                ids = windows[s : s + self.batch].to(device)
+                hidden = final_hidden(model, ids, self.chunk)
+                ref_hidden = final_hidden(reference, ids) if reference is not None else None
+                pieces: dict[str, list[torch.Tensor]] = {}
+                for a in range(0, hidden.shape[1], LOGIT_SLICE):
+                    b = min(a + LOGIT_SLICE, hidden.shape[1])
+                    logq, targets = log_probs(model, hidden[:, a:b]), ids[:, a + 1 : b + 1]
+                    if ref_hidden is not None:
+                        got = compare_exact(log_probs(reference, ref_hidden[:, a:b]), logq, targets)
+                    else:
+                        ref = {k: v[s : s + len(ids), a:b].to(device) for k, v in stats.items()}
+                        got = compare_topk(ref, logq, targets)
+                    for k, v in got.items():
+                        pieces.setdefault(k, []).append(v.double().cpu())
+                for k, v in pieces.items():
+                    rows.setdefault(k, []).append(torch.cat(v, dim=1))
+                bar.update(ids.shape[0])
+        data = {k: torch.cat(v).numpy() for k, v in rows.items()}  # (windows, positions)
+        return self.summarize(data)
+
+    def summarize(self, data: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
+        n, kl = self.length, data["kl"]
+        metrics: dict[str, Any] = {
+            f"kl@{n}": block_mean(kl),
+            f"kl_median@{n}": block_quantile(kl, 0.5),
+            f"kl_p99@{n}": block_quantile(kl, 0.99),
+            f"kl_max@{n}": block_quantile(kl, 1.0),
+            f"top1@{n}": block_mean(data["top1"]),
+            f"ppl_ratio@{n}": block_mean(data["nll"] - data["nll_ref"]).map(math.exp),
+            f"ppl@{n}": block_mean(data["nll"]).map(math.exp),
+            f"ref_ppl@{n}": block_mean(data["nll_ref"]).map(math.exp),
+        }
+        if self.top_k:
+            metrics[f"kl_gap@{n}"] = float((data["kl_hi"] - kl).mean())
+        width = kl.shape[1]
+        edges = np.linspace(0, width, min(self.buckets, width) + 1).astype(int)
+        curve = [
+            [(a + b) / 2, float(kl[:, a:b].mean()), float(data["top1"][:, a:b].mean())]
+            for a, b in zip(edges[:-1], edges[1:], strict=True)
+            if b > a
+        ]
+        details = {
+            "kl_by_position": curve,
+            "reference": self.reference,
+            "tokens": int(kl.size),
+            "bound": "exact" if not self.top_k else f"top-{self.top_k}: exact KL in [kl, kl + kl_gap] per position",
+        }
+        return metrics, details
