@@ -39,7 +39,7 @@ def main() -> None:
         reports[label] = Report(model=f"smollm2 {label}", results=[result])
         (out / f"{label.replace(' ', '-')}.json").write_text(reports[label].model_dump_json(indent=2))
     before, after = reports.values()
-    table = markdown_table(compare_rows(before, after))
+    table = markdown_table(compare_rows(before.metrics, after.metrics, (before.estimates, after.estimates)))
     (out / "comparison.md").write_text(table)
     plot_perplexity(reports, out / "perplexity.png")
     print(table)

@@ -146,8 +146,9 @@ def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, d
 @out_option(help="Write comparison.md, comparison.json and plots here.")
 @click.option("--force", is_flag=True, help=FORCE_HELP)
 def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None, force: bool) -> None:
-    """Compare two results.json files (or eval directories); exit 1 when a gate fails."""
-    from surgery.evaluate.gates import evaluate_gates, parse_gate
+    """Compare two results.json files (or eval directories), with 95% intervals. Exit 0 when every
+    gate passed, 1 when one failed, 3 when one was inconclusive."""
+    from surgery.evaluate.gates import EXIT_CODES, evaluate_gates, parse_gate, verdict
     from surgery.evaluate.report import compare_rows, load_report, markdown_table, plot_needle, plot_perplexity
     from surgery.io import atomic_dir, check_target
 
@@ -156,8 +157,9 @@ def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None
     target = output_path(out, Path()) if out is not None else None
     if target is not None:
         check_target(target, force, [Path(before), Path(after)])
-    rows = compare_rows(b, a)
-    outcomes = evaluate_gates(parsed, b.metrics, a.metrics)
+    intervals = (b.estimates, a.estimates)
+    rows = compare_rows(b.metrics, a.metrics, intervals)
+    outcomes = evaluate_gates(parsed, b.metrics, a.metrics, intervals)
     table = markdown_table(rows, outcomes)
     click.echo(table, nl=False)
     if target is not None:
@@ -169,12 +171,15 @@ def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None
             plot_perplexity(labels, tmp / "perplexity.png")
             plot_needle(labels, tmp / "needle.png")
         click.echo(f"wrote {out}")
-    failed = [o for o in outcomes if not o.passed]
-    if failed:
-        click.echo(f"{len(failed)} of {len(outcomes)} gate checks failed", err=True)
-        sys.exit(1)
-    if outcomes:
+    status = verdict(outcomes)
+    counts = {s: sum(o.status == s for o in outcomes) for s in ("fail", "inconclusive")}
+    if status == "fail":
+        click.echo(f"{counts['fail']} of {len(outcomes)} gate checks failed", err=True)
+    elif status == "inconclusive":
+        click.echo(f"{counts['inconclusive']} of {len(outcomes)} gate checks inconclusive: more samples needed", err=True)
+    elif outcomes:
         click.echo(f"all {len(outcomes)} gate checks passed")
+    sys.exit(EXIT_CODES[status])
 
 
 SET_HELP = "Override a recipe value before validation, e.g. --set steps.1.factor=8 (repeatable)."
@@ -204,14 +209,15 @@ def validate_cmd(recipe: str, model: str | None, overrides: tuple[str, ...]) -> 
 @click.option("--force", is_flag=True, help="Replace the report directory and an interrupted run (surgery's own only).")
 @click.option("--set", "overrides", multiple=True, help=SET_HELP)
 def run_cmd(recipe: str, out: str | None, resume: bool, force: bool, overrides: tuple[str, ...]) -> None:
-    """Run a recipe: steps in order with progress, then the before/after table; exit 1 when a gate fails."""
+    """Run a recipe: steps in order with progress, then the before/after table. Exit 0 when every
+    gate passed, 1 when one failed, 3 when one was inconclusive (its samples could not tell)."""
+    from surgery.evaluate.gates import EXIT_CODES
     from surgery.recipes import load_recipe, run_recipe
 
     parsed = load_recipe(recipe, list(overrides))
     target = output_path(out, Path("runs") / Path(recipe).stem)
     outcome = run_recipe(parsed, target, resume=resume, force=force, echo=click.echo)
-    if not outcome.passed:
-        sys.exit(1)
+    sys.exit(EXIT_CODES[outcome.state.status])
 
 
 @main.command("push")

@@ -95,3 +95,80 @@ def test_compare_command_exit_codes(tmp_path):
     (tmp_path / "junk.json").write_text('{"model": 3}')
     junk = runner.invoke(main, ["compare", before, str(tmp_path / "junk.json")])
     assert junk.exit_code == 2 and "is not a surgery results file" in junk.stderr
+
+
+def est(value, half, n=40):
+    from surgery.evaluate.stats import Estimate
+
+    return Estimate(value, value - half, value + half, n)
+
+
+@pytest.mark.parametrize(
+    "gate, after, status",
+    [
+        ("perplexity.ppl@2048:max_increase=5%,confidence=0.95", est(10.2, 0.1), "pass"),  # +2% ± ~1.4%
+        ("perplexity.ppl@2048:max_increase=5%,confidence=0.95", est(11.0, 0.1), "fail"),  # +10% ± 1.4%
+        ("perplexity.ppl@2048:max_increase=5%,confidence=0.95", est(10.45, 0.4), "inconclusive"),
+        ("perplexity.ppl@2048:max=11,confidence=0.95", est(10.5, 0.2), "pass"),
+        ("perplexity.ppl@2048:max=11,confidence=0.95", est(10.9, 0.2), "inconclusive"),
+        ("perplexity.ppl@2048:max=11,confidence=0.95", est(11.3, 0.2), "fail"),
+        ("perplexity.ppl@2048:min_recovery=0.9,confidence=0.95", est(10.5, 0.1), "pass"),  # 10/10.5 = 0.95
+        ("perplexity.ppl@2048:min_recovery=0.9,confidence=0.95", est(11.1, 0.3), "inconclusive"),
+        ("perplexity.ppl@2048:min_recovery=0.9,confidence=0.95", est(13.0, 0.3), "fail"),
+    ],
+)
+def test_confidence_gates(gate, after, status):
+    before = {"perplexity.ppl@2048": est(10.0, 0.1)}
+    out = evaluate_gates(
+        [parse_gate(gate)],
+        {"perplexity.ppl@2048": 10.0},
+        {"perplexity.ppl@2048": after.value},
+        (before, {"perplexity.ppl@2048": after}),
+    )
+    assert [o.status for o in out] == [status]
+    assert out[0].passed == (status == "pass")
+    if status == "inconclusive":
+        assert out[0].needed and out[0].needed > 40 and "samples" in out[0].message
+
+
+def test_confidence_on_wilson_accuracy():
+    """Two prompts, both right: min=0.5 cannot be told at 95% (Wilson [0.34, 1]); 45 prompts can."""
+    from surgery.evaluate.stats import wilson
+
+    gate = parse_gate("needle.acc@4096:min=0.5,confidence=0.95")
+    for n, status in ((2, "inconclusive"), (45, "pass")):
+        acc = wilson(n, n)
+        (o,) = evaluate_gates([gate], None, {"needle.acc@4096": acc.value}, ({}, {"needle.acc@4096": acc}))
+        assert o.status == status
+
+
+def test_confidence_without_interval_falls_back_to_point():
+    (o,) = evaluate_gates([parse_gate("perplexity.ppl@2048:max=11,confidence=0.95")], BEFORE, AFTER)
+    assert o.status == "pass" and "point estimate" in o.message
+
+
+@pytest.mark.parametrize("gate", ["perplexity.ppl@2048:max=3,confidence=2", "perplexity.ppl@2048:confidence=0.95"])
+def test_bad_confidence(gate):
+    with pytest.raises(GateError, match="confidence"):
+        parse_gate(gate)
+
+
+def test_compare_exits_3_when_inconclusive(tmp_path):
+    from surgery.evaluate.stats import wilson
+
+    def write_acc(path, hits, n):
+        acc = wilson(hits, n)
+        result = EvalResult(
+            name="needle",
+            params={},
+            metrics={"needle.acc": acc.value},
+            intervals={"needle.acc": (acc.low, acc.high)},
+            counts={"needle.acc": n},
+        )
+        path.write_text(Report(model=path.stem, results=[result]).model_dump_json())
+        return str(path)
+
+    before, after = write_acc(tmp_path / "b.json", 2, 2), write_acc(tmp_path / "a.json", 1, 2)
+    res = CliRunner().invoke(main, ["compare", before, after, "--gate", "needle.acc:max_decrease=0.2,confidence=0.95"])
+    assert res.exit_code == 3, res.output
+    assert "inconclusive" in res.output and "[" in res.output  # the table shows intervals

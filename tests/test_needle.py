@@ -19,11 +19,11 @@ def tok():
 
 
 def test_prompts_have_exact_length_and_needle_depth(tok):
-    e = make_eval("needle", lengths=[400, 900], depths=[0, 0.5, 1], seed=3)
+    e = make_eval("needle", lengths=[400, 900], depths=[0, 0.5, 1], seed=3, trials=1)
     hay = e.haystack_tokens(tok)
     cells = e.cells()
     assert len(cells) == 6 and all(len(k) == 5 for _, _, k in cells)
-    assert cells == make_eval("needle", lengths=[400, 900], depths=[0, 0.5, 1], seed=3).cells()
+    assert cells == make_eval("needle", lengths=[400, 900], depths=[0, 0.5, 1], seed=3, trials=1).cells()
     for n, d, k in cells:
         ids = e.prompt(tok, n, d, k, hay)
         assert len(ids) == n and ids[0].item() == tok.bos_token_id
@@ -69,6 +69,8 @@ def test_heatmap(tmp_path):
 @pytest.mark.slow
 def test_embedded_model_finds_the_passkey_at_1k():
     model, tokenizer = surgery.load_model("smollm2", dtype="float32")
-    result = make_eval("needle", lengths=[1024]).run(model, tokenizer)
+    result = make_eval("needle", lengths=[1024], batch=9).run(model, tokenizer)  # 45 prompts by default
     assert result.metrics["needle.acc@1024"] >= 0.8, result.details["answers"]
+    low, high = result.intervals["needle.acc@1024"]
+    assert result.counts["needle.acc@1024"] == 45 and high - low <= 0.3
     assert torch.is_grad_enabled()

@@ -6,6 +6,12 @@ Syntax (shared by `surgery compare --gate` and recipes): `METRIC:RULE=VALUE[,RUL
 - `max_increase=X` / `max_decrease=X`: bound on after - before; `X%` makes it relative to before.
 - `min_recovery=R`: quality kept, direction-aware: after/before for higher-is-better metrics,
   before/after for lower-is-better ones (perplexity); 0.95 means at most a 5% loss.
+- `confidence=C` (e.g. 0.95) makes every rule of the gate respect the metrics' intervals: it
+  passes when the whole interval of the gated quantity is within the limit, fails when the whole
+  interval is beyond it, and is *inconclusive* otherwise (exit code 3), saying how many samples
+  would tell. Stored intervals are 95%; another level rescales their half-widths (normal
+  approximation). A change's interval adds the two half-widths in quadrature (`stats.combine`).
+  Without `confidence` a rule compares point estimates, as before.
 """
 
 from __future__ import annotations
@@ -13,11 +19,13 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+from typing import Literal
 
 from pydantic import BaseModel
 
 from surgery.errors import GateError, did_you_mean
 from surgery.evaluate.base import higher_is_better
+from surgery.evaluate.stats import CONFIDENCE, Estimate, combine, needed
 
 RULES = ("min", "max", "max_increase", "max_decrease", "min_recovery")
 NEEDS_BEFORE = {"max_increase", "max_decrease", "min_recovery"}
@@ -36,6 +44,10 @@ class Gate(BaseModel):
     metric: str
     rules: list[Rule]
     text: str
+    confidence: float | None = None
+
+
+Status = Literal["pass", "fail", "inconclusive"]
 
 
 class GateOutcome(BaseModel):
@@ -44,8 +56,10 @@ class GateOutcome(BaseModel):
     rule: str
     before: float | None
     after: float
-    passed: bool
+    passed: bool  # status == "pass"
     message: str
+    status: Status = "pass"
+    needed: int | None = None  # samples that would settle an inconclusive rule (None: none would)
 
 
 def parse_gate(text: str) -> Gate:
@@ -53,10 +67,18 @@ def parse_gate(text: str) -> Gate:
     metric, sep, rest = text.rpartition(":")
     if not sep or not metric or not rest:
         raise GateError(f"bad gate '{text}': write METRIC:RULE=VALUE, e.g. perplexity.ppl@2048:max_increase=5%")
-    rules = []
+    rules, confidence = [], None
     for part in rest.split(","):
         kind, eq, raw = part.partition("=")
         kind, raw = kind.strip(), raw.strip()
+        if kind == "confidence":
+            try:
+                confidence = float(raw)
+            except ValueError:
+                confidence = math.nan
+            if not 0.5 <= confidence < 1:
+                raise GateError(f"bad gate '{text}': confidence is a level such as 0.95 (between 0.5 and 1)")
+            continue
         if kind not in RULES:
             raise GateError(f"bad gate '{text}': unknown rule '{kind}'{did_you_mean(kind, list(RULES))}")
         m = re.fullmatch(r"(-?\d+(?:\.\d*)?(?:[eE]-?\d+)?)(%?)", raw)
@@ -66,7 +88,9 @@ def parse_gate(text: str) -> Gate:
         if relative and kind not in ("max_increase", "max_decrease"):
             raise GateError(f"bad gate '{text}': only max_increase and max_decrease take a percentage")
         rules.append(Rule(kind=kind, value=float(m.group(1)) / (100 if relative else 1), relative=relative))
-    return Gate(metric=metric.strip(), rules=rules, text=text)
+    if not rules:
+        raise GateError(f"bad gate '{text}': confidence needs a rule, e.g. {metric}:max_increase=2%,confidence=0.95")
+    return Gate(metric=metric.strip(), rules=rules, text=text, confidence=confidence)
 
 
 def check_rule(rule: Rule, before: float | None, after: float, metric: str) -> tuple[bool, str]:
@@ -86,9 +110,68 @@ def check_rule(rule: Rule, before: float | None, after: float, metric: str) -> t
     return kept >= rule.value, f"recovery {kept:.4f} (min {rule.value:g})"
 
 
-def evaluate_gates(gates: list[Gate], before: dict[str, float] | None, after: dict[str, float]) -> list[GateOutcome]:
-    """Check every gate; a gate naming no metric, or needing a missing baseline, is a user error."""
+def scaled(est: Estimate, confidence: float) -> Estimate:
+    """A stored 95% interval rescaled to another level (normal approximation)."""
+    if confidence == CONFIDENCE:
+        return est
+    from scipy.stats import norm
+
+    k = norm.ppf(0.5 + confidence / 2) / norm.ppf(0.5 + CONFIDENCE / 2)
+    return Estimate(est.value, est.value - (est.value - est.low) * k, est.value + (est.high - est.value) * k, est.n)
+
+
+def quantity(rule: Rule, before: Estimate | None, after: Estimate, metric: str) -> tuple[Estimate, bool]:
+    """The gated quantity with its interval, and whether the rule bounds it from above."""
+    if rule.kind in ("min", "max"):
+        return after, rule.kind == "max"
+    assert before is not None
+    if rule.kind in ("max_increase", "max_decrease"):
+        change = combine(before, after)
+        if rule.kind == "max_decrease":
+            change = Estimate(-change.value, -change.high, -change.low, change.n)
+        if rule.relative:
+            base = abs(before.value) or math.nan
+            change = Estimate(change.value / base, change.low / base, change.high / base, change.n)
+        return change, True
+    if min(before.low, after.low) <= 0:
+        raise GateError(f"min_recovery on '{metric}' with confidence needs positive values and intervals")
+    logs = combine(before.map(math.log), after.map(math.log))  # log(after / before)
+    if not higher_is_better(metric):
+        logs = Estimate(-logs.value, -logs.high, -logs.low, logs.n)
+    return logs.map(math.exp), False
+
+
+def check_with_confidence(
+    rule: Rule, before: Estimate | None, after: Estimate, metric: str, confidence: float
+) -> tuple[Status, str, int | None]:
+    """pass / fail / inconclusive from the interval of the gated quantity."""
+    q, upper = quantity(rule, before, after, metric)
+    q = scaled(q, confidence)
+    worst, best = (q.high, q.low) if upper else (q.low, q.high)
+    within = (lambda x: x <= rule.value) if upper else (lambda x: x >= rule.value)
+    pct = rule.relative
+    show = (lambda x: f"{x * 100:+.2f}%") if pct else (lambda x: f"{x:.4g}")
+    text = f"{show(q.value)} [{show(q.low)}, {show(q.high)}] ({rule.describe()}, {confidence:.0%})"
+    if within(worst):
+        return "pass", text, None
+    if not within(best):
+        return "fail", text, None
+    half = (q.high - q.value) if (upper == within(q.value)) else (q.value - q.low)
+    more = needed(q.n, half, abs(q.value - rule.value))
+    advice = f"about {more} samples (now {q.n}) would tell" if more else "the estimate sits on the limit"
+    return "inconclusive", f"{text}: {advice}", more
+
+
+def evaluate_gates(
+    gates: list[Gate],
+    before: dict[str, float] | None,
+    after: dict[str, float],
+    intervals: tuple[dict[str, Estimate], dict[str, Estimate]] | None = None,
+) -> list[GateOutcome]:
+    """Check every gate; a gate naming no metric, or needing a missing baseline, is a user error.
+    `intervals` (before, after) are the metrics' estimates, used by gates with `confidence`."""
     outcomes = []
+    b_ci, a_ci = intervals or ({}, {})
     for gate in gates:
         names = sorted(m for m in after if fnmatch.fnmatchcase(m, gate.metric))
         if not names:
@@ -98,7 +181,16 @@ def evaluate_gates(gates: list[Gate], before: dict[str, float] | None, after: di
                 prior = (before or {}).get(name)
                 if rule.kind in NEEDS_BEFORE and prior is None:
                     raise GateError(f"gate '{gate.text}': {rule.kind} needs a baseline, and '{name}' has none before")
-                passed, message = check_rule(rule, prior, after[name], name)
+                more = None
+                if gate.confidence and name in a_ci and (rule.kind not in NEEDS_BEFORE or name in b_ci):
+                    status, message, more = check_with_confidence(
+                        rule, b_ci.get(name), a_ci[name], name, gate.confidence
+                    )
+                else:
+                    passed, message = check_rule(rule, prior, after[name], name)
+                    status = "pass" if passed else "fail"
+                    if gate.confidence:
+                        message += " (no interval: point estimate)"
                 outcomes.append(
                     GateOutcome(
                         gate=gate.text,
@@ -106,8 +198,19 @@ def evaluate_gates(gates: list[Gate], before: dict[str, float] | None, after: di
                         rule=rule.describe(),
                         before=prior,
                         after=after[name],
-                        passed=passed,
+                        passed=status == "pass",
                         message=message,
+                        status=status,
+                        needed=more,
                     )
                 )
     return outcomes
+
+
+def verdict(outcomes: list[GateOutcome]) -> Status:
+    """fail if any rule failed, else inconclusive if any could not tell, else pass."""
+    statuses = {o.status for o in outcomes}
+    return "fail" if "fail" in statuses else "inconclusive" if "inconclusive" in statuses else "pass"
+
+
+EXIT_CODES: dict[str, int] = {"pass": 0, "fail": 1, "inconclusive": 3}  # 2 is a user error

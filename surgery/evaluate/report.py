@@ -10,6 +10,7 @@ from pydantic import BaseModel, ValidationError
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import EvalResult, higher_is_better
 from surgery.evaluate.gates import GateOutcome
+from surgery.evaluate.stats import Estimate, combine
 
 
 class Report(BaseModel):
@@ -20,11 +21,36 @@ class Report(BaseModel):
     def metrics(self) -> dict[str, float]:
         return {k: v for r in self.results for k, v in r.metrics.items()}
 
+    @property
+    def estimates(self) -> dict[str, Estimate]:
+        """Every metric that has an interval, with it."""
+        return estimates_of(self.results)
+
+
+def estimates_of(results: list[EvalResult], first: bool = False) -> dict[str, Estimate]:
+    """{metric: Estimate} of results with intervals; the first or the last value of each."""
+    out: dict[str, Estimate] = {}
+    for r in results:
+        for k in r.intervals:
+            if not first or k not in out:
+                out[k] = r.estimate(k)
+    return out
+
 
 class Row(BaseModel):
     metric: str
     before: float | None
     after: float | None
+    before_ci: tuple[float, float] | None = None
+    after_ci: tuple[float, float] | None = None
+    n: int | None = None
+
+    @property
+    def delta_ci(self) -> tuple[float, float] | None:
+        if None in (self.before_ci, self.after_ci, self.before, self.after):
+            return None
+        d = combine(Estimate(self.before, *self.before_ci, 0), Estimate(self.after, *self.after_ci, 0))
+        return d.low, d.high
 
     @property
     def delta(self) -> float | None:
@@ -57,9 +83,30 @@ def fmt(x: float | None) -> str:
     return f"{x:.4g}" if abs(x) < 1e5 else f"{x:.3e}"
 
 
-def compare_rows(before: Report, after: Report) -> list[Row]:
-    b, a = before.metrics, after.metrics
-    return [Row(metric=m, before=b.get(m), after=a.get(m)) for m in sorted(set(b) | set(a), key=_metric_key)]
+def compare_rows(
+    before: dict[str, float],
+    after: dict[str, float],
+    intervals: tuple[dict[str, Estimate], dict[str, Estimate]] = ({}, {}),
+) -> list[Row]:
+    """One row per metric in either; intervals where the results carry them."""
+    bi, ai = intervals
+    return [
+        Row(
+            metric=m,
+            before=before.get(m),
+            after=after.get(m),
+            before_ci=(bi[m].low, bi[m].high) if m in bi else None,
+            after_ci=(ai[m].low, ai[m].high) if m in ai else None,
+        )
+        for m in sorted(set(before) | set(after), key=_metric_key)
+    ]
+
+
+def with_ci(value: float | None, ci: tuple[float, float] | None) -> str:
+    """`12.3 [11.9, 12.8]`: a value with its 95% interval, when it has one."""
+    if ci is None or value is None:
+        return fmt(value)
+    return f"{fmt(value)} [{fmt(ci[0])}, {fmt(ci[1])}]"
 
 
 def _metric_key(metric: str) -> tuple:
@@ -69,17 +116,25 @@ def _metric_key(metric: str) -> tuple:
     return tuple(int(t) if t.isdigit() else t for t in re.split(r"(\d+)", metric))
 
 
+SHOWN = {"pass": "pass", "fail": "**FAIL**", "inconclusive": "*inconclusive*"}
+
+
 def markdown_table(rows: list[Row], outcomes: list[GateOutcome] | None = None) -> str:
-    lines = ["| metric | before | after | Δ | Δ% |", "|---|---:|---:|---:|---:|"]
+    """Before / after / Δ with 95% intervals in brackets; ▼ marks a change for the worse of more
+    than 1%, and ▼▼ one whose interval excludes zero."""
+    lines = ["| metric | before | after | Δ [95%] | Δ% |", "|---|---:|---:|---:|---:|"]
     for r in rows:
         rel = f"{r.relative * 100:+.2f}%" if r.relative is not None else "—"
         worse = r.delta is not None and (r.delta < 0 if higher_is_better(r.metric) else r.delta > 0)
-        mark = " ▼" if worse and r.relative is not None and abs(r.relative) > 0.01 else ""
-        lines.append(f"| {r.metric} | {fmt(r.before)} | {fmt(r.after)} | {fmt(r.delta)} | {rel}{mark} |")
+        ci = r.delta_ci
+        certain = ci is not None and (ci[0] > 0 or ci[1] < 0)
+        mark = (" ▼▼" if certain else " ▼") if worse and r.relative is not None and abs(r.relative) > 0.01 else ""
+        cells = [with_ci(r.before, r.before_ci), with_ci(r.after, r.after_ci), with_ci(r.delta, ci)]
+        lines.append(f"| {r.metric} | {' | '.join(cells)} | {rel}{mark} |")
     if outcomes:
         lines += ["", "| gate | metric | result | detail |", "|---|---|---|---|"]
         for o in outcomes:
-            lines.append(f"| `{o.gate}` | {o.metric} | {'pass' if o.passed else '**FAIL**'} | {o.message} |")
+            lines.append(f"| `{o.gate}` | {o.metric} | {SHOWN[o.status]} | {o.message} |")
     return "\n".join(lines) + "\n"
 
 
@@ -163,8 +218,12 @@ def write_report(report: Report, directory: Path) -> list[Path]:
         Row(metric=m, before=None, after=v)
         for m, v in sorted(report.metrics.items(), key=lambda kv: _metric_key(kv[0]))
     ]
-    lines = [f"# Evaluation of {report.model}", "", "| metric | value |", "|---|---:|"]
-    lines += [f"| {r.metric} | {fmt(r.after)} |" for r in rows]
+    est = report.estimates
+    lines = [f"# Evaluation of {report.model}", "", "| metric | value | 95% interval | n |", "|---|---:|---:|---:|"]
+    for r in rows:
+        e = est.get(r.metric)
+        ci = f"[{fmt(e.low)}, {fmt(e.high)}] | {e.n}" if e else "— | —"
+        lines.append(f"| {r.metric} | {fmt(r.after)} | {ci} |")
     lines += ["", "| eval | seconds |", "|---|---:|"] + [f"| {r.name} | {r.seconds:.1f} |" for r in report.results]
     written = [directory / "results.json", directory / "report.md"]
     plot = plot_perplexity({report.model: report}, directory / "perplexity.png")

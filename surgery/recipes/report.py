@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from surgery.evaluate.report import Report, Row, markdown_table, plot_needle, plot_perplexity, pyplot
+from surgery.evaluate.report import Report, Row, compare_rows, markdown_table, plot_needle, plot_perplexity, pyplot
 from surgery.io import MARKER, atomic_dir
 from surgery.recipes.state import RunState
 
@@ -30,8 +30,8 @@ def stamp(state: RunState, **extra: Any) -> dict[str, Any]:
 
 
 def rows(state: RunState) -> list[Row]:
-    before, after = state.metrics(first=True), state.metrics(first=False)
-    return [Row(metric=k, before=before[k], after=after[k]) for k in after]
+    intervals = (state.estimates(first=True), state.estimates(first=False))
+    return compare_rows(state.metrics(first=True), state.metrics(first=False), intervals)
 
 
 def final_table(state: RunState) -> str:
@@ -66,7 +66,8 @@ def write_report(recipe: Any, out: Path, state: RunState, table: str, force: boo
         by_step = labelled(recipe, state)
         lines = [f"# Recipe run: {recipe.model}", "", table, ""]
         if state.failed:
-            lines += ["**A gate failed: later save and push steps were skipped.**", ""]
+            what = "could not tell (inconclusive)" if state.status == "inconclusive" else "failed"
+            lines += [f"**A gate {what}: later save and push steps were skipped.**", ""]
         for name, plot in (("perplexity", plot_perplexity), ("needle", plot_needle)):
             if plot(by_step, tmp / f"{name}.png"):
                 lines += [f"![{name}]({name}.png)", ""]

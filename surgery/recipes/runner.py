@@ -207,7 +207,8 @@ def run_recipe(
             drop(partial)
         process.wait_for_everyone()
     passed = not state.failed
-    say(f"{'all gates passed' if passed else 'a gate FAILED'}; report: {out / 'report.md'}")
+    shown = {"pass": "all gates passed", "fail": "a gate FAILED", "inconclusive": "a gate was INCONCLUSIVE"}
+    say(f"{shown[state.status]}; report: {out / 'report.md'}")
     return RunOutcome(out=out, passed=passed, table=table, state=state)
 
 
@@ -232,7 +233,7 @@ def run_step_and_record(step: Step, ctx: RunContext, partial: Path, process: Any
 
     state, total = ctx.state, len(ctx.recipe.compiled)
     if state.failed:
-        ctx.say(f"[{step.index + 1}/{total}] {step.label}: skipped (a gate failed)")
+        ctx.say(f"[{step.index + 1}/{total}] {step.label}: skipped (a gate {'was inconclusive' if state.inconclusive else 'failed'})")
         return
     ctx.say(f"[{step.index + 1}/{total}] {step.label}")
     began = time.perf_counter()

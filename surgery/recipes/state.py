@@ -13,6 +13,7 @@ from pydantic import BaseModel, Field
 
 from surgery.evaluate.base import EvalResult
 from surgery.evaluate.gates import GateOutcome
+from surgery.evaluate.stats import Estimate
 
 
 class RunState(BaseModel):
@@ -26,11 +27,25 @@ class RunState(BaseModel):
     finetunes: list[dict[str, Any]] = []
     saved: list[str] = []
     pushed: list[str] = []
-    failed: bool = False
+    failed: bool = False  # a gate failed, or could not tell: later steps are skipped
+    inconclusive: bool = False  # ... because a gate could not tell (exit code 3, not 1)
     checkpoint: str | None = None  # directory in OUT.partial holding the model after `completed` steps
     seconds: dict[str, float] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)  # eval step index -> what the model was then
     changes: list[str] = []  # what the steps so far did to the model: "yarn ×2", "full heal"
+
+    def estimates(self, first: bool) -> dict[str, Estimate]:
+        """First (baseline) or last value, with its interval, of every metric that has one."""
+        from surgery.evaluate.report import estimates_of
+
+        return estimates_of(self.results, first)
+
+    @property
+    def status(self) -> str:
+        """pass, fail (a gate failed) or inconclusive (none failed, one could not tell)."""
+        from surgery.evaluate.gates import verdict
+
+        return verdict(self.gates)
 
     def metrics(self, first: bool) -> dict[str, float]:
         """First (baseline) or last value of every metric, in the order the results came."""

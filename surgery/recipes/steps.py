@@ -150,11 +150,13 @@ class GateStep(Step):
 
     def run(self, ctx: RunContext) -> bool:
         state = ctx.state
-        outcomes = evaluate_gates(self.payload, state.metrics(first=True), state.metrics(first=False))
+        intervals = (state.estimates(first=True), state.estimates(first=False))
+        outcomes = evaluate_gates(self.payload, state.metrics(first=True), state.metrics(first=False), intervals)
         state.gates.extend(outcomes)
         for o in outcomes:
-            ctx.say(f"    {'pass' if o.passed else 'FAIL'}  {o.metric}: {o.message}")
+            ctx.say(f"    {o.status.upper() if o.status != 'pass' else 'pass'}  {o.metric}: {o.message}")
         state.failed = state.failed or not all(o.passed for o in outcomes)
+        state.inconclusive = state.inconclusive or any(o.status == "inconclusive" for o in outcomes)
         return False
 
 
