@@ -176,10 +176,73 @@ def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None
     if status == "fail":
         click.echo(f"{counts['fail']} of {len(outcomes)} gate checks failed", err=True)
     elif status == "inconclusive":
-        click.echo(f"{counts['inconclusive']} of {len(outcomes)} gate checks inconclusive: more samples needed", err=True)
+        click.echo(
+            f"{counts['inconclusive']} of {len(outcomes)} gate checks inconclusive: more samples needed", err=True
+        )
     elif outcomes:
         click.echo(f"all {len(outcomes)} gate checks passed")
     sys.exit(EXIT_CODES[status])
+
+
+@main.command("check")
+@click.argument("original")
+@click.argument("patched")
+@out_option(help="Report directory (default: ./PATCHED-check).")
+@click.option("--force", is_flag=True, help=FORCE_HELP)
+@click.option(
+    "--budget",
+    type=click.FloatRange(0.1, 100000),
+    help="Minutes to spend: sample counts scale to the measured speed (default: full counts).",
+)
+@click.option(
+    "--length", type=click.IntRange(16, 1 << 22), help="Tokens checked (default: min(original context, 4096))."
+)
+@click.option(
+    "--gate", "gates", multiple=True, help="Extra gate, e.g. 'divergence.docs.kl@4096:max=0.05,confidence=0.95'."
+)
+@click.option("--dtype", default="float32", show_default=True, help="Load dtype of both models.")
+def check_cmd(
+    original: str,
+    patched: str,
+    out: str | None,
+    force: bool,
+    budget: float | None,
+    length: int | None,
+    gates: tuple[str, ...],
+    dtype: str,
+) -> None:
+    """Check PATCHED against ORIGINAL with the battery its patch records call for: divergence on
+    two text domains, long-context tasks where a patch touches them, gates at 95% confidence.
+    Exit 0 pass, 1 a regression, 3 inconclusive (more samples needed), 2 bad input."""
+    from surgery.check import run_check, write_check
+    from surgery.evaluate.gates import EXIT_CODES, parse_gate
+    from surgery.io import atomic_dir, reserve
+    from surgery.models import parse_dtype, resolve
+    from surgery.patch import history
+
+    for g in gates:
+        parse_gate(g)
+    parse_dtype(dtype)
+    sources = resolve(original).paths() + resolve(patched).paths()
+    records = history(surgery.load_config(patched))
+    target = output_path(out, Path.cwd() / f"{resolve(patched).name}-check")
+    with reserve(target, force, sources):
+        outcome = run_check(
+            original,
+            records,
+            lambda: surgery.load_model(patched, dtype=dtype),
+            length=length,
+            budget=budget,
+            extra_gates=list(gates),
+            dtype=dtype,
+            say=click.echo,
+        )
+        click.echo(outcome.table, nl=False)
+        with atomic_dir(target, force, sources) as tmp:
+            write_check(outcome, original, patched, tmp)
+    click.echo(f"wrote {target}: report.md, check.json, plots")
+    click.echo(outcome.verdict_line())
+    sys.exit(EXIT_CODES[outcome.status])
 
 
 SET_HELP = "Override a recipe value before validation, e.g. --set steps.1.factor=8 (repeatable)."
@@ -192,11 +255,14 @@ SET_HELP = "Override a recipe value before validation, e.g. --set steps.1.factor
 def validate_cmd(recipe: str, model: str | None, overrides: tuple[str, ...]) -> None:
     """Check a recipe without loading weights: every problem at once, with its location."""
     from surgery.recipes import dry_run, load_recipe
+    from surgery.recipes.steps import domain_warnings
 
     parsed = load_recipe(recipe, list(overrides))
     click.echo(f"{recipe}: valid, {len(parsed.compiled)} steps")
     for step in parsed.compiled:
         click.echo(f"  {step.index + 1}. {step.label}")
+    for warning in domain_warnings(parsed.compiled):
+        click.echo(f"  warning: {warning}")
     if model:
         for line in dry_run(parsed, model):
             click.echo(f"  dry run {line}")

@@ -38,6 +38,17 @@ HELDOUT_EVERY = 5  # one topic (or docstring) in five is held out
 NAMED = ("pydoc", "docs")  # the offline sources every install has
 
 
+def text_label(source: str) -> str:
+    """A short name for a text source in metric names and labels: pydoc, docs, the dataset name,
+    or the file's stem (letters, digits, - and _ only)."""
+    import re
+
+    name = source[3:].split(":")[0].split("/")[-1] if source.startswith("hf:") else source
+    if source not in NAMED and not source.startswith("hf:"):
+        name = Path(source).stem
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "text"
+
+
 def is_heldout(topic: str) -> bool:
     return int(hashlib.sha1(topic.encode()).hexdigest(), 16) % HELDOUT_EVERY == 0
 

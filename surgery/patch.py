@@ -109,6 +109,11 @@ class Patch(BaseModel):
         """Raise `UnsupportedModel` (why, and what would work) if this patch cannot run, beyond
         the architecture list, which `apply` checks itself."""
 
+    def calibration_sources(self) -> list[str]:
+        """Text sources this patch reads to compute its result (data-aware patches); evaluations
+        on them are in-domain for the patched model."""
+        return []
+
     def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
         """Do the surgery in place; return human-readable notes."""
         raise NotImplementedError

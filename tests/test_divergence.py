@@ -38,9 +38,9 @@ def run(model, tok, reference, **params):
 def test_self_divergence_is_zero(tok, reference, top_k):
     model, _ = surgery.load_model(str(reference), dtype="float32")
     m = run(model, tok, reference, top_k=top_k).metrics
-    assert m[f"divergence.kl@{LENGTH}"] == 0.0 and m[f"divergence.kl_max@{LENGTH}"] == 0.0
-    assert m[f"divergence.top1@{LENGTH}"] == 1.0
-    assert m[f"divergence.ppl_ratio@{LENGTH}"] == pytest.approx(1.0, abs=1e-9)
+    assert m[f"divergence.pydoc.kl@{LENGTH}"] == 0.0 and m[f"divergence.pydoc.kl_max@{LENGTH}"] == 0.0
+    assert m[f"divergence.pydoc.top1@{LENGTH}"] == 1.0
+    assert m[f"divergence.pydoc.ppl_ratio@{LENGTH}"] == pytest.approx(1.0, abs=1e-9)
 
 
 def test_exact_kl_matches_full_log_softmax(tok, reference):
@@ -60,14 +60,14 @@ def test_exact_kl_matches_full_log_softmax(tok, reference):
     target = ids[:, 1:, None]
     ratio = torch.exp((logp.gather(-1, target) - logq.gather(-1, target)).mean())
     m = result.metrics
-    assert m[f"divergence.kl@{LENGTH}"] == pytest.approx(kl.mean().item(), rel=1e-5)
-    assert m[f"divergence.kl_max@{LENGTH}"] == pytest.approx(kl.max().item(), rel=1e-5)
-    assert m[f"divergence.kl_median@{LENGTH}"] == pytest.approx(kl.flatten().quantile(0.5).item(), rel=1e-4)
-    assert m[f"divergence.top1@{LENGTH}"] == pytest.approx(agree.item())
-    assert m[f"divergence.ppl_ratio@{LENGTH}"] == pytest.approx(ratio.item(), rel=1e-5)
-    low, high = result.intervals[f"divergence.kl@{LENGTH}"]
-    assert low < m[f"divergence.kl@{LENGTH}"] < high
-    assert result.counts[f"divergence.kl@{LENGTH}"] == 4  # two 299-position windows, two 128-position blocks each
+    assert m[f"divergence.pydoc.kl@{LENGTH}"] == pytest.approx(kl.mean().item(), rel=1e-5)
+    assert m[f"divergence.pydoc.kl_max@{LENGTH}"] == pytest.approx(kl.max().item(), rel=1e-5)
+    assert m[f"divergence.pydoc.kl_median@{LENGTH}"] == pytest.approx(kl.flatten().quantile(0.5).item(), rel=1e-4)
+    assert m[f"divergence.pydoc.top1@{LENGTH}"] == pytest.approx(agree.item())
+    assert m[f"divergence.pydoc.ppl_ratio@{LENGTH}"] == pytest.approx(ratio.item(), rel=1e-5)
+    low, high = result.intervals[f"divergence.pydoc.kl@{LENGTH}"]
+    assert low < m[f"divergence.pydoc.kl@{LENGTH}"] < high
+    assert result.counts[f"divergence.pydoc.kl@{LENGTH}"] == 4  # two 299-position windows, two 128-position blocks each
 
 
 @pytest.mark.parametrize("k", [1, 4, 16, 64])
@@ -89,9 +89,9 @@ def test_topk_reference_bounds_exact_kl(k, sharpness):
 
 def test_topk_bound_on_models_and_gap_reported(tok, reference):
     other = tiny_model("llama", seed=7, max_position_embeddings=512)
-    exact = run(other, tok, reference, top_k=0).metrics[f"divergence.kl@{LENGTH}"]
+    exact = run(other, tok, reference, top_k=0).metrics[f"divergence.pydoc.kl@{LENGTH}"]
     approx = run(other, tok, reference, top_k=16).metrics
-    low, gap = approx[f"divergence.kl@{LENGTH}"], approx[f"divergence.kl_gap@{LENGTH}"]
+    low, gap = approx[f"divergence.pydoc.kl@{LENGTH}"], approx[f"divergence.pydoc.kl_gap@{LENGTH}"]
     assert low <= exact <= low + gap + 1e-6 and gap > 0
 
 
@@ -99,7 +99,7 @@ def test_sdpa_and_eager_agree(tok, reference):
     model, _ = surgery.load_model(str(reference), dtype="float32")
     make_patch("attention", impl="eager").apply(model)
     m = run(model, tok, reference, top_k=0).metrics
-    assert m[f"divergence.kl@{LENGTH}"] < 1e-6 and m[f"divergence.top1@{LENGTH}"] == 1.0
+    assert m[f"divergence.pydoc.kl@{LENGTH}"] < 1e-6 and m[f"divergence.pydoc.top1@{LENGTH}"] == 1.0
 
 
 def test_reference_statistics_are_cached(tok, reference, monkeypatch, tmp_path):
@@ -111,7 +111,7 @@ def test_reference_statistics_are_cached(tok, reference, monkeypatch, tmp_path):
     def no_load(*args, **kwargs):
         raise AssertionError("the reference model was loaded again")
 
-    monkeypatch.setattr(surgery, "load_model", no_load)
+    monkeypatch.setattr("surgery.models.load_model", no_load)
     assert run(other, tok, reference, top_k=16).metrics == first.metrics
     with pytest.raises(AssertionError, match="loaded again"):  # other windows: another cache entry
         run(other, tok, reference, top_k=16, samples=1)
@@ -123,10 +123,10 @@ def test_reference_statistics_are_cached(tok, reference, monkeypatch, tmp_path):
 
 def test_chunked_run_reads_the_quantized_cache(tok, reference):
     model, _ = surgery.load_model(str(reference), dtype="float32")
-    plain = run(model, tok, reference, top_k=0, chunk=64).metrics[f"divergence.kl@{LENGTH}"]
+    plain = run(model, tok, reference, top_k=0, chunk=64).metrics[f"divergence.pydoc.kl@{LENGTH}"]
     make_patch("kv-quant", bits=2, residual=8, group_size=8).apply(model)
-    single = run(model, tok, reference, top_k=0).metrics[f"divergence.kl@{LENGTH}"]
-    chunked = run(model, tok, reference, top_k=0, chunk=64).metrics[f"divergence.kl@{LENGTH}"]
+    single = run(model, tok, reference, top_k=0).metrics[f"divergence.pydoc.kl@{LENGTH}"]
+    chunked = run(model, tok, reference, top_k=0, chunk=64).metrics[f"divergence.pydoc.kl@{LENGTH}"]
     # a full-precision cache read back in chunks changes nothing; one pass never reads the cache;
     # the 2-bit cache read back does (the random tiny model's distributions are near-flat, so KL is small)
     assert plain < 1e-7 and single < 1e-7 and chunked > 1e-5

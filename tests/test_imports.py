@@ -87,6 +87,7 @@ LAYERS = [
     "surgery",  # the public facade (surgery.load_model, surgery.save, ...)
     "surgery.streaming",
     "surgery.info",
+    "surgery.check",
     "surgery.recipes",
     "surgery.cli_apply",
     "surgery.cli",

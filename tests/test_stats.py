@@ -12,7 +12,9 @@ from surgery.evaluate.stats import (
     block_mean,
     block_quantile,
     combine,
+    mean_interval,
     needed,
+    paired,
     samples_for_halfwidth,
     wilson,
 )
@@ -78,13 +80,31 @@ def test_block_mean_uses_every_position_and_blocks_for_the_interval():
     est = block_mean(x, block=100)
     assert est.value == pytest.approx(x.mean()) and est.n == 20 and est.low < est.value < est.high
     const = block_mean(np.full((1, 500), 2.0))
-    assert const == Estimate(2.0, 2.0, 2.0, 3)
+    assert const[:4] == (2.0, 2.0, 2.0, 3) and const.units == (2.0, 2.0, 2.0)
     assert block_mean(x).map(math.exp).value == pytest.approx(math.exp(x.mean()))
 
 
 def test_combine_and_needed():
     d = combine(Estimate(10, 9, 11, 40), Estimate(12, 11.5, 12.5, 40))
-    assert d.value == 2 and d.low == pytest.approx(2 - math.hypot(0.5, 1)) and d.high == pytest.approx(2 + math.hypot(0.5, 1))
+    assert (
+        d.value == 2
+        and d.low == pytest.approx(2 - math.hypot(0.5, 1))
+        and d.high == pytest.approx(2 + math.hypot(0.5, 1))
+    )
     # an interval of half-width 0.2 from 40 samples must shrink to 0.1: four times the samples
     assert needed(40, 0.2, 0.1) == 160
     assert needed(40, 0.2, 0.0) is None
+
+
+def test_paired_difference_is_tighter_than_combined():
+    """Two models on the same 40 blocks: the shared noise (which text) cancels unit by unit."""
+    rng = np.random.default_rng(3)
+    text = rng.normal(3.0, 0.5, 40)  # per-block difficulty, shared by both models
+    before = mean_interval(text + rng.normal(0, 0.01, 40)).exp()
+    after = mean_interval(text + 0.02 + rng.normal(0, 0.01, 40)).exp()
+    d = paired(before, after)
+    c = combine(before, after)
+    assert d.low > 0  # a 2% perplexity increase is certain from the pairs ...
+    assert c.low < 0 < c.high  # ... and invisible without them
+    assert d.value == pytest.approx(after.value - before.value)
+    assert paired(before, mean_interval(text[:30]).exp()) is None  # other units: not paired

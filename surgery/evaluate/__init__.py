@@ -1,6 +1,6 @@
 """Evaluations run on the in-memory (patched) model. Importing registers the built-in evals."""
 
-from surgery.evaluate import divergence, harness, needle, perplexity, speed  # noqa: F401
+from surgery.evaluate import divergence, harness, needle, perplexity, ruler, speed  # noqa: F401
 from surgery.evaluate.base import EVALS, Eval, EvalResult, get_eval, make_eval, register
 
 

@@ -23,13 +23,16 @@ class EvalResult(BaseModel):
     seconds: float = 0.0
     intervals: dict[str, tuple[float, float]] = {}  # 95% interval of each metric that has one
     counts: dict[str, int] = {}  # independent samples behind each interval (prompts, blocks)
+    units: dict[str, list[float]] = {}  # per-prompt or per-block values, for paired comparisons
+    log_units: list[str] = []  # metrics that are exp(mean of their units): perplexities
 
     def estimate(self, metric: str) -> Estimate | None:
         """The metric with its interval, or None when it has no interval."""
         if metric not in self.intervals:
             return None
         low, high = self.intervals[metric]
-        return Estimate(self.metrics[metric], low, high, self.counts.get(metric, 0))
+        units = tuple(self.units.get(metric, ()))
+        return Estimate(self.metrics[metric], low, high, self.counts.get(metric, 0), units, metric in self.log_units)
 
 
 class Eval(BaseModel):
@@ -54,6 +57,11 @@ class Eval(BaseModel):
             if metric.startswith(prefix):
                 return better
         return True
+
+    def for_recipe(self, model: str) -> Eval:
+        """This eval inside a recipe whose starting model is `model` (divergence takes it as its
+        reference when none is given)."""
+        return self
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> tuple[dict[str, float | Estimate], dict[str, Any]]:
         """Return (metrics without the eval-name prefix, details); a metric given as an `Estimate`
@@ -81,6 +89,8 @@ class Eval(BaseModel):
             seconds=time.perf_counter() - start,
             intervals={k: (float(e.low), float(e.high)) for k, e in estimates.items()},
             counts={k: int(e.n) for k, e in estimates.items()},
+            units={k: [round(u, 6) for u in e.units] for k, e in estimates.items() if e.units},
+            log_units=[k for k, e in estimates.items() if e.log],
         )
 
 

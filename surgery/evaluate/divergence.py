@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from surgery.data import TextSource
+from surgery.data import TextSource, text_label
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, progress, register
 from surgery.evaluate.cache import make_cache
@@ -169,6 +168,15 @@ class Divergence(Eval):
     bos: bool = Field(True, description="prepend the tokenizer's BOS token when it has one")
     buckets: int = Field(32, ge=1, description="points in the KL-by-position curve")
 
+    @classmethod
+    def better_when_higher(cls, metric: str) -> bool:
+        return super().better_when_higher(metric.split(".", 1)[-1])  # after the text domain
+
+    @property
+    def domain(self) -> str:
+        """The text's short name, which leads every metric name: two domains never collide."""
+        return text_label(self.text)
+
     def for_recipe(self, model: str) -> Divergence:
         return self if self.reference else self.model_copy(update={"reference": model})
 
@@ -197,9 +205,17 @@ class Divergence(Eval):
             raise SurgeryError("divergence needs reference=MODEL (the model to compare with)")
         return self.reference
 
-    def reference_stats(self, tokenizer: Any, windows: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def prepare_reference(self, reference: torch.nn.Module, tokenizer: Any) -> None:
+        """Compute and cache the reference statistics from an already loaded reference model
+        (`surgery check` loads the original once for all its evals)."""
+        if self.top_k:
+            self.reference_stats(tokenizer, self.windows(tokenizer), None, loaded=reference)
+
+    def reference_stats(
+        self, tokenizer: Any, windows: torch.Tensor, dtype: torch.dtype | None, loaded: torch.nn.Module | None = None
+    ) -> dict[str, torch.Tensor]:
         """The reference's top-k statistics for `windows`: read from the cache, else computed
-        (loading the reference model once) and cached."""
+        (from `loaded`, or by loading the reference model once) and cached."""
         from safetensors.torch import load_file, save_file
 
         path = self.cache_path(windows)
@@ -212,9 +228,13 @@ class Divergence(Eval):
                     return stats
             except Exception as err:  # a torn or foreign file: recompute it
                 log.warning("divergence: ignoring unreadable reference cache %s (%s)", path, err)
-        import surgery
+        if loaded is not None:
+            reference = loaded
+        else:
+            from surgery.models import load_model
 
-        reference, _ = surgery.load_model(self.need_reference(), dtype=dtype)
+            reference, _ = load_model(self.need_reference(), dtype=dtype or "float32")
+        was_training = reference.training
         reference.eval()
         parts: dict[str, list[torch.Tensor]] = {"topk_ids": [], "topk_logp": [], "target_logp": []}
         with torch.inference_mode(), progress(len(windows), "divergence: reference", "window") as bar:
@@ -230,6 +250,7 @@ class Divergence(Eval):
                 for k in parts:
                     parts[k].append(torch.cat(pieces[k], dim=1))
                 bar.update(ids.shape[0])
+        reference.train(was_training)
         del reference
         stats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -251,9 +272,9 @@ class Divergence(Eval):
             stats = self.reference_stats(tokenizer, windows, dtype)
             reference = None
         else:
-            import surgery
+            from surgery.models import load_model
 
-            reference, _ = surgery.load_model(self.need_reference(), dtype=dtype)
+            reference, _ = load_model(self.need_reference(), dtype=dtype)
             reference.eval()
         rows: dict[str, list[torch.Tensor]] = {}
         with progress(len(windows), f"divergence ({self.length} tokens)", "window") as bar:
@@ -279,19 +300,19 @@ class Divergence(Eval):
         return self.summarize(data)
 
     def summarize(self, data: dict[str, np.ndarray]) -> tuple[dict[str, Any], dict[str, Any]]:
-        n, kl = self.length, data["kl"]
+        n, kl, d = self.length, data["kl"], self.domain
         metrics: dict[str, Any] = {
-            f"kl@{n}": block_mean(kl),
-            f"kl_median@{n}": block_quantile(kl, 0.5),
-            f"kl_p99@{n}": block_quantile(kl, 0.99),
-            f"kl_max@{n}": block_quantile(kl, 1.0),
-            f"top1@{n}": block_mean(data["top1"]),
-            f"ppl_ratio@{n}": block_mean(data["nll"] - data["nll_ref"]).map(math.exp),
-            f"ppl@{n}": block_mean(data["nll"]).map(math.exp),
-            f"ref_ppl@{n}": block_mean(data["nll_ref"]).map(math.exp),
+            f"{d}.kl@{n}": block_mean(kl),
+            f"{d}.kl_median@{n}": block_quantile(kl, 0.5),
+            f"{d}.kl_p99@{n}": block_quantile(kl, 0.99),
+            f"{d}.kl_max@{n}": block_quantile(kl, 1.0),
+            f"{d}.top1@{n}": block_mean(data["top1"]),
+            f"{d}.ppl_ratio@{n}": block_mean(data["nll"] - data["nll_ref"]).exp(),
+            f"{d}.ppl@{n}": block_mean(data["nll"]).exp(),
+            f"{d}.ref_ppl@{n}": block_mean(data["nll_ref"]).exp(),
         }
         if self.top_k:
-            metrics[f"kl_gap@{n}"] = float((data["kl_hi"] - kl).mean())
+            metrics[f"{d}.kl_gap@{n}"] = float((data["kl_hi"] - kl).mean())
         width = kl.shape[1]
         edges = np.linspace(0, width, min(self.buckets, width) + 1).astype(int)
         curve = [

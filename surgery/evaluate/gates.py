@@ -25,7 +25,7 @@ from pydantic import BaseModel
 
 from surgery.errors import GateError, did_you_mean
 from surgery.evaluate.base import higher_is_better
-from surgery.evaluate.stats import CONFIDENCE, Estimate, combine, needed
+from surgery.evaluate.stats import CONFIDENCE, Estimate, combine, needed, paired
 
 RULES = ("min", "max", "max_increase", "max_decrease", "min_recovery")
 NEEDS_BEFORE = {"max_increase", "max_decrease", "min_recovery"}
@@ -126,13 +126,21 @@ def quantity(rule: Rule, before: Estimate | None, after: Estimate, metric: str) 
         return after, rule.kind == "max"
     assert before is not None
     if rule.kind in ("max_increase", "max_decrease"):
-        change = combine(before, after)
+        change = paired(before, after) or combine(before, after)
         if rule.kind == "max_decrease":
             change = Estimate(-change.value, -change.high, -change.low, change.n)
         if rule.relative:
             base = abs(before.value) or math.nan
             change = Estimate(change.value / base, change.low / base, change.high / base, change.n)
         return change, True
+    change = paired(before, after)
+    if change is not None:  # kept = after / before, from the paired change with before fixed
+        ratio = Estimate(
+            after.value / before.value, 1 + change.low / before.value, 1 + change.high / before.value, change.n
+        )
+        if not higher_is_better(metric):
+            ratio = Estimate(1 / ratio.value, 1 / ratio.high, 1 / ratio.low, ratio.n)
+        return ratio, False
     if min(before.low, after.low) <= 0:
         raise GateError(f"min_recovery on '{metric}' with confidence needs positive values and intervals")
     logs = combine(before.map(math.log), after.map(math.log))  # log(after / before)

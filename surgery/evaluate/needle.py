@@ -18,7 +18,7 @@ from pydantic import Field, field_validator
 from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, progress, register
-from surgery.evaluate.stats import wilson
+from surgery.evaluate.stats import outcomes
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,9 @@ class Needle(Eval):
     lengths: list[int] = Field([1024, 4096], description="prompt lengths in tokens")
     depths: list[float] = Field([0.0, 0.25, 0.5, 0.75, 1.0], description="needle positions, 0 = start of the haystack")
     trials: int = Field(
-        9, ge=1, description="keys per (length, depth) cell; 9 x 5 depths = 45 prompts per length, a Wilson interval of at most ±0.15"
+        9,
+        ge=1,
+        description="keys per (length, depth) cell; 9 x 5 depths = 45 prompts per length, a Wilson interval of at most ±0.15",
     )
     haystack: Literal["filler", "text"] = Field("filler", description="repeated filler sentences, or the text source")
     text: TextSource = Field("pydoc", description="text source when haystack=text")
@@ -126,10 +128,11 @@ class Needle(Eval):
         for (n, d, _), hit in zip(cells, hits, strict=True):
             grid.setdefault(str(n), {}).setdefault(str(d), 0.0)
             grid[str(n)][str(d)] += hit / self.trials
-        metrics = {"acc": wilson(sum(hits), len(hits))}  # Wilson 95% intervals over prompts
+        metrics = {"acc": outcomes(hits)}  # Wilson 95% intervals over prompts
         for n in self.lengths:
-            at = [hit for (length, _, _), hit in zip(cells, hits, strict=True) if length == n]
-            metrics[f"acc@{n}"] = wilson(sum(at), len(at))
+            metrics[f"acc@{n}"] = outcomes(
+                [hit for (length, _, _), hit in zip(cells, hits, strict=True) if length == n]
+            )
         samples = [
             {"length": n, "depth": d, "key": k, "answer": a} for (n, d, k), a in zip(cells, answers, strict=True)
         ]

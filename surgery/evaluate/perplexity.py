@@ -126,11 +126,11 @@ class Perplexity(Eval):
         rows = torch.cat(losses).double()  # (samples, max_len - 1): loss at position p predicts p+1
         loss = rows.mean(0)
         # intervals: block bootstrap over 128-position blocks of every window (stats.py)
-        metrics = {f"ppl@{n}": block_mean(rows[:, : n - 1].numpy()).map(math.exp) for n in self.lengths}
+        metrics = {f"ppl@{n}": block_mean(rows[:, : n - 1].numpy()).exp() for n in self.lengths}
         if self.band:
             for a in range(0, len(loss), self.band):
                 b = min(a + self.band, len(loss))
-                metrics[f"band_ppl@{a}-{b}"] = block_mean(rows[:, a:b].numpy()).map(math.exp)
+                metrics[f"band_ppl@{a}-{b}"] = block_mean(rows[:, a:b].numpy()).exp()
         edges = torch.linspace(0, len(loss), self.buckets + 1).long().tolist()
         curve = [
             [(a + b) / 2, math.exp(loss[a:b].mean().item())]

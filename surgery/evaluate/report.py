@@ -10,7 +10,7 @@ from pydantic import BaseModel, ValidationError
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import EvalResult, higher_is_better
 from surgery.evaluate.gates import GateOutcome
-from surgery.evaluate.stats import Estimate, combine
+from surgery.evaluate.stats import Estimate, combine, paired
 
 
 class Report(BaseModel):
@@ -43,14 +43,33 @@ class Row(BaseModel):
     after: float | None
     before_ci: tuple[float, float] | None = None
     after_ci: tuple[float, float] | None = None
-    n: int | None = None
+    paired_ci: tuple[float, float] | None = None
 
     @property
     def delta_ci(self) -> tuple[float, float] | None:
+        if self.paired_ci is not None:
+            return self.paired_ci
         if None in (self.before_ci, self.after_ci, self.before, self.after):
             return None
         d = combine(Estimate(self.before, *self.before_ci, 0), Estimate(self.after, *self.after_ci, 0))
         return d.low, d.high
+
+    @classmethod
+    def of(cls, metric: str, before: Estimate | float | None, after: Estimate | float | None) -> Row:
+        """A row from two estimates (or plain values); the Δ interval is paired when both were
+        measured on the same windows or prompts."""
+        row = cls(
+            metric=metric,
+            before=before.value if isinstance(before, Estimate) else before,
+            after=after.value if isinstance(after, Estimate) else after,
+            before_ci=(before.low, before.high) if isinstance(before, Estimate) else None,
+            after_ci=(after.low, after.high) if isinstance(after, Estimate) else None,
+        )
+        if isinstance(before, Estimate) and isinstance(after, Estimate):
+            d = paired(before, after)
+            if d is not None:
+                row.paired_ci = (d.low, d.high)
+        return row
 
     @property
     def delta(self) -> float | None:
@@ -91,13 +110,7 @@ def compare_rows(
     """One row per metric in either; intervals where the results carry them."""
     bi, ai = intervals
     return [
-        Row(
-            metric=m,
-            before=before.get(m),
-            after=after.get(m),
-            before_ci=(bi[m].low, bi[m].high) if m in bi else None,
-            after_ci=(ai[m].low, ai[m].high) if m in ai else None,
-        )
+        Row.of(m, bi.get(m, before.get(m)), ai.get(m, after.get(m)))
         for m in sorted(set(before) | set(after), key=_metric_key)
     ]
 
@@ -211,6 +224,45 @@ def plot_needle(reports: dict[str, Report], path: Path) -> Path | None:
     return path
 
 
+def plot_divergence(reports: dict[str, Report], path: Path) -> Path | None:
+    """KL(original ‖ model) and top-1 agreement by position, one line per report and text domain;
+    None without divergence data."""
+    plt = pyplot()
+    curves = {
+        f"{label}, {r.params.get('text', 'pydoc')}"
+        + (f", chunk {r.params['chunk']}" if r.params.get("chunk") else ""): r.details["kl_by_position"]
+        for label, report in reports.items()
+        for r in report.results
+        if r.name == "divergence" and r.details.get("kl_by_position")
+    }
+    if not curves:
+        return None
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, layout="constrained")
+    for label, curve in curves.items():
+        top.plot([p for p, _, _ in curve], [max(k, 1e-6) for _, k, _ in curve], label=label, marker=".")
+        bottom.plot([p for p, _, _ in curve], [a for _, _, a in curve], label=label, marker=".")
+    top.set_yscale("log")
+    top.set_ylabel("KL(original ‖ model), nats")
+    bottom.set_ylabel("same top-1 token")
+    bottom.set_ylim(0, 1.02)
+    bottom.set_xlabel("token position")
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+    top.legend(fontsize=8)
+    top.set_title("Divergence from the original by position")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_ruler(reports: dict[str, Report], path: Path) -> Path | None:
+    """Long-context task heatmaps (length x depth per task), one row per report."""
+    from surgery.evaluate.ruler import plot_ruler as plot_grids
+
+    grids = _details(reports, "ruler", "grid")
+    return plot_grids(grids, path) if grids else None
+
+
 def write_report(report: Report, directory: Path) -> list[Path]:
     """results.json, report.md and plots into `directory` (an existing, usually temporary, dir)."""
     (directory / "results.json").write_text(report.model_dump_json(indent=2) + "\n")
@@ -234,6 +286,13 @@ def write_report(report: Report, directory: Path) -> list[Path]:
     if heatmap:
         lines += ["", "![passkey accuracy](needle.png)"]
         written.append(heatmap)
+    for plot, name, alt in (
+        (plot_divergence, "divergence.png", "divergence by position"),
+        (plot_ruler, "ruler.png", "long-context tasks"),
+    ):
+        if plot({report.model: report}, directory / name):
+            lines += ["", f"![{alt}]({name})"]
+            written.append(directory / name)
     (directory / "report.md").write_text("\n".join(lines) + "\n")
     return written
 

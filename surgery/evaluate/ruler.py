@@ -52,7 +52,7 @@ from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.evaluate.base import Eval, progress, register
 from surgery.evaluate.needle import FILLER
-from surgery.evaluate.stats import Estimate, bootstrap_mean, samples_for_halfwidth, wilson
+from surgery.evaluate.stats import Estimate, mean_interval, outcomes, samples_for_halfwidth
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,8 @@ def score(prediction: str, references: list[str]) -> float:
 def estimate(scores: list[float]) -> Estimate:
     """Mean score with a 95% interval: Wilson when every score is 0 or 1, else a bootstrap."""
     if all(s in (0.0, 1.0) for s in scores):
-        return wilson(int(sum(scores)), len(scores))
-    return bootstrap_mean(scores)
+        return outcomes(scores)
+    return mean_interval(scores)
 
 
 @dataclass(frozen=True)

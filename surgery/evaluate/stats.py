@@ -32,20 +32,34 @@ class Estimate(NamedTuple):
     low: float
     high: float
     n: int  # independent units behind the interval: prompts, or blocks of positions
+    # the per-unit values whose mean is the metric (or its log, when `log`): two results measured on
+    # the same windows or prompts are compared unit by unit (`paired`)
+    units: tuple[float, ...] = ()
+    log: bool = False
 
     def map(self, fn) -> Estimate:
-        """The estimate of a monotone increasing function of this quantity (exp of a mean loss)."""
+        """The estimate of a monotone increasing function of this quantity."""
         return Estimate(fn(self.value), fn(self.low), fn(self.high), self.n)
 
+    def exp(self) -> Estimate:
+        """exp of a mean (perplexity from a mean loss), keeping the units for paired comparisons."""
+        return Estimate(math.exp(self.value), math.exp(self.low), math.exp(self.high), self.n, self.units, True)
 
-def wilson(hits: int, n: int, confidence: float = CONFIDENCE) -> Estimate:
-    """Accuracy with its Wilson score interval."""
+
+def wilson(hits: int, n: int, confidence: float = CONFIDENCE, units=()) -> Estimate:
+    """Accuracy with its Wilson score interval; `units` are the per-prompt 0/1 outcomes."""
     from scipy.stats import binomtest
 
     if n == 0:
         return Estimate(math.nan, 0.0, 1.0, 0)
     ci = binomtest(int(hits), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
-    return Estimate(hits / n, float(ci.low), float(ci.high), n)
+    return Estimate(hits / n, float(ci.low), float(ci.high), n, tuple(float(u) for u in units))
+
+
+def outcomes(hits) -> Estimate:
+    """Accuracy of a list of 0/1 outcomes (Wilson), keeping the outcomes as units."""
+    hits = [float(h) for h in hits]
+    return wilson(int(sum(hits)), len(hits), units=hits)
 
 
 def samples_for_halfwidth(halfwidth: float, p: float = 0.5, confidence: float = CONFIDENCE) -> int:
@@ -62,10 +76,11 @@ def mean_interval(values, confidence: float = CONFIDENCE) -> Estimate:
 
     x = np.asarray(values, dtype=np.float64).ravel()
     mean = float(x.mean()) if x.size else math.nan
+    units = tuple(float(v) for v in x)
     if x.size < 2 or np.ptp(x) == 0:
-        return Estimate(mean, mean, mean, int(x.size))
+        return Estimate(mean, mean, mean, int(x.size), units)
     half = float(t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    return Estimate(mean, mean - half, mean + half, int(x.size))
+    return Estimate(mean, mean - half, mean + half, int(x.size), units)
 
 
 def block_means(values, block: int = BLOCK):
@@ -87,7 +102,7 @@ def block_mean(values, block: int = BLOCK, confidence: float = CONFIDENCE) -> Es
     est = mean_interval(block_means(x, block), confidence)
     exact = float(x.mean())  # the point estimate uses every position, the dropped tail included
     shift = exact - est.value
-    return Estimate(exact, est.low + shift, est.high + shift, est.n)
+    return Estimate(exact, est.low + shift, est.high + shift, est.n, est.units)
 
 
 def block_quantile(values, q: float, block: int = BLOCK, confidence: float = CONFIDENCE, seed: int = 0) -> Estimate:
@@ -113,6 +128,20 @@ def block_quantile(values, q: float, block: int = BLOCK, confidence: float = CON
     return Estimate(value, float(min(low, value)), float(max(high, value)), n)
 
 
+def paired(before: Estimate, after: Estimate, confidence: float = CONFIDENCE) -> Estimate | None:
+    """after - before from the unit-by-unit differences, when both were measured on the same units
+    (the same windows or prompts: equal counts, both with units); None otherwise. Far tighter than
+    `combine`: the noise the two share (which text, which prompt) cancels. For perplexities the
+    units are log-scale, so the change is before x (exp(mean difference) - 1)."""
+    if not before.units or len(before.units) != len(after.units) or before.log != after.log:
+        return None
+    d = mean_interval(np.subtract(after.units, before.units), confidence)
+    if not after.log:
+        return Estimate(after.value - before.value, d.low, d.high, d.n)
+    scale = before.value
+    return Estimate(after.value - before.value, scale * math.expm1(d.low), scale * math.expm1(d.high), d.n)
+
+
 def combine(before: Estimate, after: Estimate) -> Estimate:
     """after - before with an interval from the two intervals' half-widths added in quadrature
     (independent errors; conservative when both ran on the same windows or prompts)."""
@@ -128,6 +157,3 @@ def needed(n: int, halfwidth: float, margin: float) -> int | None:
     if margin <= 0 or not math.isfinite(margin) or n <= 0:
         return None
     return max(n + 1, math.ceil(n * (halfwidth / margin) ** 2))
-
-
-bootstrap_mean = mean_interval  # TEMPORARY: renamed; remove once ruler.py uses mean_interval

@@ -129,6 +129,9 @@ class GQA(Patch):
         if not attention_modules(model):
             raise UnsupportedModel(f"{self.name}: found no self_attn modules with k/v projections")
 
+    def calibration_sources(self) -> list[str]:
+        return [] if self.method == "mean" else [self.calibration_text]
+
     def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
         config = text_config(model.config)
         n_q, n_kv, dim = config.num_attention_heads, kv_heads(config), head_dim(config)

@@ -7,7 +7,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from surgery.evaluate.report import Report, Row, compare_rows, markdown_table, plot_needle, plot_perplexity, pyplot
+from surgery.evaluate.report import (
+    Report,
+    Row,
+    compare_rows,
+    markdown_table,
+    plot_divergence,
+    plot_needle,
+    plot_perplexity,
+    plot_ruler,
+    pyplot,
+)
 from surgery.io import MARKER, atomic_dir
 from surgery.recipes.state import RunState
 
@@ -49,7 +59,7 @@ def labelled(recipe: Any, state: RunState) -> dict[str, Report]:
     out: dict[str, Report] = {}
     for r in state.results:
         step = r.details["step"]
-        label = state.labels.get(str(step), f"step {step + 1}")
+        label = r.details.get("label") or state.labels.get(str(step), f"step {step + 1}")
         if label in out and any(x.name == r.name for x in out[label].results):
             label = f"{label} (step {step + 1})"
         out.setdefault(label, Report(model=recipe.model, results=[])).results.append(r)
@@ -68,7 +78,13 @@ def write_report(recipe: Any, out: Path, state: RunState, table: str, force: boo
         if state.failed:
             what = "could not tell (inconclusive)" if state.status == "inconclusive" else "failed"
             lines += [f"**A gate {what}: later save and push steps were skipped.**", ""]
-        for name, plot in (("perplexity", plot_perplexity), ("needle", plot_needle)):
+        plots = (
+            ("perplexity", plot_perplexity),
+            ("needle", plot_needle),
+            ("divergence", plot_divergence),
+            ("ruler", plot_ruler),
+        )
+        for name, plot in plots:
             if plot(by_step, tmp / f"{name}.png"):
                 lines += [f"![{name}]({name}.png)", ""]
         if state.finetunes and plot_losses(state.finetunes, tmp / "loss.png"):

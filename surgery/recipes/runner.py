@@ -36,6 +36,7 @@ from surgery.recipes.report import STATE, final_table, run_of, write_report
 from surgery.recipes.schema import Recipe
 from surgery.recipes.state import RunContext, RunState
 from surgery.recipes.step import Step, dry_run
+from surgery.recipes.steps import domain_warnings
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +195,8 @@ def run_recipe(
             if main:
                 echo(f"nothing to resume in {partial}: starting from the first step")
         say = echo if main else (lambda _msg: None)
+        for warning in domain_warnings(recipe.compiled):
+            say(f"warning: {warning}")
         ctx = start(recipe, partial, state, resume, say, main, api)
         ctx.sources = sources
         process.wait_for_everyone()
@@ -233,7 +236,9 @@ def run_step_and_record(step: Step, ctx: RunContext, partial: Path, process: Any
 
     state, total = ctx.state, len(ctx.recipe.compiled)
     if state.failed:
-        ctx.say(f"[{step.index + 1}/{total}] {step.label}: skipped (a gate {'was inconclusive' if state.inconclusive else 'failed'})")
+        ctx.say(
+            f"[{step.index + 1}/{total}] {step.label}: skipped (a gate {'was inconclusive' if state.inconclusive else 'failed'})"
+        )
         return
     ctx.say(f"[{step.index + 1}/{total}] {step.label}")
     began = time.perf_counter()

@@ -70,13 +70,82 @@ class EvalStep(Step):
         return f"eval {self.payload.name}"
 
     def run(self, ctx: RunContext) -> bool:
-        result = self.payload.run(ctx.model, ctx.tokenizer)
+        result = self.payload.for_recipe(ctx.recipe.model).run(ctx.model, ctx.tokenizer)
         result.details["step"] = self.index
         ctx.state.results.append(result)
         changes = ctx.state.changes
         ctx.state.labels[str(self.index)] = "after " + ", ".join(changes) if changes else "before"
         shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items())
         ctx.say(f"    {shown} ({result.seconds:.0f} s)")
+        return False
+
+
+class CheckSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    original: str | None = Field(None, description="the model to check against (default: the recipe's model)")
+    budget: float | None = Field(None, gt=0, le=1e5, description="minutes; sample counts scale to the measured speed")
+    length: int | None = Field(None, ge=16, description="tokens checked (default: min(original context, 4096))")
+    gate: list[str] = Field([], description="extra gates, e.g. divergence.docs.kl@2048:max=0.05,confidence=0.95")
+
+
+class CheckStep(Step):
+    """`surgery check` inside a recipe: the model as it is now against the recipe's model."""
+
+    verb: ClassVar[str] = "check"
+    kind: Literal["check"] = "check"
+    payload: CheckSettings
+
+    @classmethod
+    def parse(cls, index: int, value: Any, rest: dict[str, Any], problems: list[str]) -> Step | None:
+        where = f"steps.{index}.check"
+        if value is not None and not isinstance(value, dict):
+            problems.append(f"{where}: give settings as a mapping, e.g. check: {{budget: 10}}, or nothing")
+            return None
+        payload = build(CheckSettings, where, {**(value or {}), **rest}, problems)
+        if payload is not None:
+            for text in payload.gate:
+                try:
+                    parse_gate(text)
+                except GateError as err:
+                    problems.append(f"{where}.gate: {err}")
+                    return None
+        return cls(index=index, payload=payload) if payload is not None else None
+
+    @classmethod
+    def note(cls, value: Any, seen: Seen) -> None:
+        seen.evals |= {"divergence", "ruler", "perplexity"}
+
+    @property
+    def label(self) -> str:
+        return "check against " + (self.payload.original or "the recipe's model")
+
+    def run(self, ctx: RunContext) -> bool:
+        from surgery.check import run_check
+        from surgery.patch import history
+
+        p, state = self.payload, ctx.state
+        outcome = run_check(
+            p.original or ctx.recipe.model,
+            history(ctx.model.config),
+            lambda: (ctx.model, ctx.tokenizer),
+            length=p.length,
+            budget=p.budget,
+            extra_gates=p.gate,
+            dtype=ctx.recipe.dtype,
+            say=lambda line: ctx.say(f"    {line}"),
+        )
+        for result in outcome.before:  # the original's side first: the table's "before"
+            result.details.update(step=self.index, label="original")
+        for result in outcome.after:
+            result.details["step"] = self.index
+        state.results += outcome.before + outcome.after
+        changes = state.changes
+        state.labels[str(self.index)] = "after " + ", ".join(changes) if changes else "checked"
+        state.gates.extend(outcome.outcomes)
+        state.failed = state.failed or outcome.status != "pass"
+        state.inconclusive = state.inconclusive or outcome.status == "inconclusive"
+        ctx.say(f"    {outcome.verdict_line()}")
         return False
 
 
@@ -253,10 +322,39 @@ class PushStep(Step):
         return False
 
 
-AnyStep = Annotated[PatchStep | EvalStep | FinetuneStep | GateStep | SaveStep | PushStep, Field(discriminator="kind")]
+AnyStep = Annotated[
+    PatchStep | EvalStep | FinetuneStep | GateStep | CheckStep | SaveStep | PushStep, Field(discriminator="kind")
+]
 STEPS: dict[str, type[Step]] = {
-    cls.verb: cls for cls in (PatchStep, FinetuneStep, EvalStep, GateStep, SaveStep, PushStep)
+    cls.verb: cls for cls in (PatchStep, FinetuneStep, EvalStep, GateStep, CheckStep, SaveStep, PushStep)
 }
+
+
+def domain_warnings(compiled: list[Step]) -> list[str]:
+    """Gates that judge the model on the text a fine-tune or a data-aware patch of the recipe
+    trained or calibrated on (another part of it, but the same domain): their pass says little
+    about text the model did not see."""
+    trained: dict[str, str] = {}  # text source -> the step that used it
+    measured: dict[str, str | None] = {}  # eval family -> the text of its latest eval step
+    out = []
+    for step in compiled:
+        if isinstance(step, FinetuneStep):
+            trained.setdefault(step.payload.text, f"steps.{step.index}.finetune")
+        elif isinstance(step, PatchStep):
+            for text in step.payload.calibration_sources():
+                trained.setdefault(text, f"steps.{step.index}.patch ({step.payload.name})")
+        elif isinstance(step, EvalStep):
+            measured[step.payload.name] = getattr(step.payload, "text", None)
+        elif isinstance(step, GateStep):
+            for gate in step.payload:
+                text = measured.get(gate.metric.split(".", 1)[0])
+                if text in trained:
+                    out.append(
+                        f"steps.{step.index}.gate '{gate.metric}' is measured on {text}, the text {trained[text]} "
+                        "trained or calibrated on (its held-out part, but the same domain): add a gate on "
+                        "another text (text: docs) or a check step, which always measures two domains"
+                    )
+    return out
 
 
 def verb_of(raw: Any, index: int, problems: list[str] | None = None) -> str | None:

@@ -1,0 +1,334 @@
+"""`surgery check ORIGINAL PATCHED`: does the patched model still do what the original did?
+
+The battery is chosen from the patch records the patched model carries (`config.surgery`):
+- always: divergence from the original (KL, top-1 agreement, perplexity ratio) at the checked
+  length on two offline text domains, the language reference (`pydoc`) and library docstrings
+  (`docs`), so a heal or a fit on one domain is judged on the other too;
+- RoPE patches: long-context tasks (RULER-style) at the longest length checked, and perplexity by
+  band past the original context when the new length allows it;
+- kv-quant: divergence through the quantized cache (chunked) and the tasks (generation reads it);
+- gqa / mqa: the tasks at the checked length;
+- sliding-window: the tasks, whose needles sit beyond the window.
+
+Each check comes with default gates at 95% confidence, printed so they can be copied and
+tightened. The original's side (reference statistics, task scores) is cached by model and
+settings, so checking ten candidates against one original pays for it once. `budget` (minutes)
+scales the sample counts to the measured speed of one forward; too few samples give an
+*inconclusive* verdict that says how many would tell, never a pass by default.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.arch import text_config
+from surgery.errors import SurgeryError
+from surgery.evaluate.base import Eval, EvalResult, make_eval
+from surgery.evaluate.gates import GateOutcome, evaluate_gates, parse_gate, verdict
+from surgery.evaluate.report import Report, compare_rows, estimates_of, markdown_table
+
+log = logging.getLogger(__name__)
+
+ROPE = {"yarn", "ntk", "dynamic-ntk", "linear", "llama3"}
+DOMAINS = ("pydoc", "docs")
+DIVERGENCE_WINDOWS = 8  # per domain at full budget
+TASK_TRIALS = 9  # x 5 depths = 45 prompts per task: Wilson ±0.15
+TASKS = ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe"]
+# default limits (all at 95% confidence); see README "Check" for the measured benign and damaging values
+MAX_PPL_RATIO = 1.10  # at most 10% higher perplexity than the original on each domain
+MAX_KL = 0.10  # nats per token, mean
+MAX_TASK_DROP = 0.10  # absolute drop of the mean task score
+MAX_LONG_PPL = 1.25  # band perplexity past the original context vs the original's within it
+
+
+@dataclass
+class Item:
+    """One evaluation of the battery: on which model(s) it runs, and why it is there."""
+
+    eval: Eval
+    why: str
+    original: bool = True  # also evaluated on the original (the baseline of its gates)
+
+
+@dataclass
+class Battery:
+    items: list[Item]
+    gates: list[str]
+    length: int
+    notes: list[str] = field(default_factory=list)
+
+    def describe(self) -> list[str]:
+        lines = [f"  {it.eval.name} {params_text(it.eval)}  ({it.why})" for it in self.items]
+        return lines + ["  gates (copy and tighten with --gate):"] + [f"    --gate '{g}'" for g in self.gates]
+
+
+def params_text(e: Eval) -> str:
+    defaults = type(e)().model_dump() if _has_defaults(type(e)) else {}
+    shown = {k: v for k, v in e.model_dump().items() if defaults.get(k, object()) != v}
+    return " ".join(f"{k}={','.join(map(str, v)) if isinstance(v, list) else v}" for k, v in shown.items())
+
+
+def _has_defaults(cls: type[Eval]) -> bool:
+    return all(not f.is_required() for f in cls.model_fields.values())
+
+
+def context_of(config: Any) -> int:
+    return int(getattr(text_config(config), "max_position_embeddings", 0) or 0)
+
+
+def plan(
+    original_config: Any,
+    records: list[dict[str, Any]],
+    length: int | None = None,
+    scale: float = 1.0,
+    reference: str = "",
+) -> Battery:
+    """The battery for a patched model with these patch records, against an original with this
+    config. `scale` (0-1] shrinks sample counts to a time budget."""
+    native = context_of(original_config)
+    new = max([native, *[_new_context(r) for r in records]])
+    checked = min(native, length or 4096) if native else (length or 4096)
+    names = [r.get("name", "") for r in records]
+    windows = max(2, round(DIVERGENCE_WINDOWS * scale))
+    trials = max(1, round(TASK_TRIALS * scale))
+    items: list[Item] = []
+    gates: list[str] = []
+    for domain in DOMAINS:
+        e = make_eval("divergence", reference=reference or None, length=checked, samples=windows, text=domain)
+        items.append(Item(e, f"divergence from the original on {domain}", original=False))
+        gates += [
+            f"divergence.{domain}.ppl_ratio@{checked}:max={MAX_PPL_RATIO:g},confidence=0.95",
+            f"divergence.{domain}.kl@{checked}:max={MAX_KL:g},confidence=0.95",
+        ]
+    if "kv-quant" in names:
+        chunk = max(64, checked // 8)
+        e = make_eval("divergence", reference=reference or None, length=checked, samples=windows, chunk=chunk)
+        items.append(Item(e, f"the quantized cache read back ({chunk}-token chunks)", original=False))
+    task_length = checked
+    task_why = {
+        "kv-quant": "tasks through the quantized cache",
+        "gqa": "tasks at the checked length",
+        "mqa": "tasks at the checked length",
+        "sliding-window": "tasks with needles beyond the window",
+    }
+    why = [task_why[n] for n in names if n in task_why]
+    if any(n in ROPE for n in names):
+        why.append("tasks at the longest length checked")
+    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    windowed = [r["params"].get("window") for r in records if r.get("name") == "sliding-window"]
+    if windowed and min(windowed) < task_length:
+        why[-1] = f"tasks with needles beyond the {min(windowed)}-token window"
+    if why:
+        e = make_eval("ruler", lengths=[task_length], depths=depths, trials=trials, batch=5)
+        items.append(Item(e, "; ".join(dict.fromkeys(why))))
+        gates.append(f"ruler.avg@{task_length}:max_decrease={MAX_TASK_DROP:g},confidence=0.95")
+    notes = []
+    if any(n in ROPE for n in names) and new > native:
+        notes.append(
+            f"the new context ({new}) is beyond the checked length {checked}: evaluate it with "
+            f"--length {new} where time allows (perplexity past {native} and tasks at {new})"
+        )
+        if checked >= new:  # only when asked to check that far
+            band = native
+            e = make_eval("perplexity", lengths=[new], band=band, samples=1)
+            items.append(Item(e, f"perplexity by band past the original {native} tokens", original=False))
+    return Battery(items=items, gates=gates, length=checked, notes=notes)
+
+
+def _new_context(record: dict[str, Any]) -> int:
+    diff = record.get("config_diff", {}).get("max_position_embeddings") or {}
+    return int(diff.get("after") or 0)
+
+
+# ---------------------------------------------------------------------- the original's results
+
+
+def original_cache(original: str, e: Eval) -> Path:
+    from surgery.evaluate.divergence import model_identity
+    from surgery.models import cache_dir
+
+    key = {"version": 1, "model": model_identity(original), "eval": e.name, "params": e.model_dump(mode="json")}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "check" / f"{digest}.json"
+
+
+def cached_result(path: Path) -> EvalResult | None:
+    try:
+        return EvalResult.model_validate_json(path.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def store(path: Path, result: EvalResult) -> None:
+    import os
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(result.model_dump_json())
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------- running
+
+
+@dataclass
+class CheckOutcome:
+    status: str
+    battery: Battery
+    before: list[EvalResult]
+    after: list[EvalResult]
+    outcomes: list[GateOutcome]
+    seconds: float
+
+    @property
+    def table(self) -> str:
+        b = {k: v for r in self.before for k, v in r.metrics.items()}
+        a = {k: v for r in self.after for k, v in r.metrics.items()}
+        intervals = (estimates_of(self.before), estimates_of(self.after))
+        return markdown_table(compare_rows(b, a, intervals), self.outcomes)
+
+    def verdict_line(self) -> str:
+        bad = [o for o in self.outcomes if o.status == self.status]
+        if self.status == "pass":
+            return f"PASS: no regression at 95% confidence ({len(self.outcomes)} gate checks, {self.seconds:.0f} s)"
+        worst = "; ".join(f"{o.metric} {o.message}" for o in bad[:3])
+        if self.status == "fail":
+            return f"FAIL: {len(bad)} of {len(self.outcomes)} gate checks regressed: {worst}"
+        return f"INCONCLUSIVE: {len(bad)} gate checks could not tell: {worst} (raise --budget)"
+
+
+def calibrate(model: torch.nn.Module, tokenizer: Any, length: int) -> float:
+    """Seconds of one forward over `length` tokens (the unit the budget is spent in)."""
+    ids = torch.randint(10, min(1000, len(tokenizer)), (1, length), device=next(model.parameters()).device)
+    with torch.inference_mode():
+        start = time.perf_counter()
+        getattr(model, model.base_model_prefix)(input_ids=ids, use_cache=False)
+        return time.perf_counter() - start
+
+
+def cost(battery: Battery) -> float:
+    """The battery's cost in forwards of `battery.length` tokens (patched side, plus the original's
+    tasks; reference statistics cost one forward per window)."""
+    total = 0.0
+    for it in battery.items:
+        p = it.eval.model_dump()
+        if it.eval.name == "divergence":
+            total += 2 * p["samples"] * p["length"] / battery.length
+        elif it.eval.name == "ruler":
+            prompts = len(p["tasks"]) * len(p["lengths"]) * len(p["depths"]) * p["trials"]
+            total += 2 * 1.5 * prompts * max(p["lengths"]) / battery.length  # prefill and answer
+        elif it.eval.name == "perplexity":
+            total += p["samples"] * (max(p["lengths"]) / battery.length) ** 1.5
+    return total
+
+
+def run_check(
+    original: str,
+    records: list[dict[str, Any]],
+    load_patched: Callable[[], tuple[torch.nn.Module, Any]],
+    *,
+    length: int | None = None,
+    budget: float | None = None,
+    extra_gates: list[str] | None = None,
+    dtype: str = "float32",
+    say: Callable[[str], None] = print,
+) -> CheckOutcome:
+    """Check a patched model (with these patch `records`) against the original. The original is
+    loaded first and released before `load_patched` is called, so the two never share memory
+    unless the caller already holds the patched model."""
+    from surgery.models import load_model
+
+    start = time.perf_counter()
+    extra = [parse_gate(g) for g in extra_gates or []]  # bad gates fail before anything loads
+    say(f"loading the original {original}")
+    model, tokenizer = load_model(original, dtype=dtype)
+    if tokenizer is None:
+        raise SurgeryError(f"{original} has no tokenizer, which the check needs; save one with the model")
+    battery = plan(model.config, records, length, 1.0, reference=original)
+    scale = 1.0
+    if budget:
+        per_forward = calibrate(model, tokenizer, battery.length)
+        scale = min(1.0, budget * 60 / max(1e-9, per_forward * cost(battery)))
+        battery = plan(model.config, records, length, scale, reference=original)
+        say(
+            f"budget {budget:g} min: one {battery.length}-token forward takes {per_forward:.1f} s; samples x{scale:.2f}"
+        )
+    say(f"check of {len(records)} patch record(s): {', '.join(r.get('name', '?') for r in records) or 'none'}")
+    for line in battery.describe() + [f"  note: {n}" for n in battery.notes]:
+        say(line)
+    before: list[EvalResult] = []
+    for it in battery.items:
+        if it.eval.name == "divergence":
+            it.eval.prepare_reference(model, tokenizer)  # cached by model and windows
+        if it.original:
+            path = original_cache(original, it.eval)
+            result = cached_result(path)
+            if result is None:
+                say(f"original: {it.eval.name} ...")
+                result = it.eval.run(model, tokenizer)
+                store(path, result)
+            before.append(result)
+    del model
+    gc.collect()
+    patched_model, patched_tokenizer = load_patched()
+    if patched_tokenizer is not None and patched_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise SurgeryError(
+            "the original and the patched model have different tokenizers; check compares like with like"
+        )
+    after = []
+    for it in battery.items:
+        say(f"patched: {it.eval.name} {params_text(it.eval)} ...")
+        result = it.eval.run(patched_model, tokenizer)
+        say("    " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if not k.endswith("_gap")))
+        after.append(result)
+    b = {k: v for r in before for k, v in r.metrics.items()}
+    a = {k: v for r in after for k, v in r.metrics.items()}
+    if any(it.eval.name == "perplexity" for it in battery.items):  # past the original context
+        within = a[f"divergence.{DOMAINS[0]}.ref_ppl@{battery.length}"]
+        battery.gates.append(f"perplexity.band_ppl@*:max={MAX_LONG_PPL * within:.4g}")
+    gates = [parse_gate(g) for g in battery.gates] + extra
+    outcomes = evaluate_gates(gates, b, a, (estimates_of(before), estimates_of(after)))
+    return CheckOutcome(verdict(outcomes), battery, before, after, outcomes, time.perf_counter() - start)
+
+
+def write_check(outcome: CheckOutcome, original: str, patched: str, directory: Path) -> None:
+    """check.json, report.md and plots (KL by position, task heatmaps) into `directory`."""
+    from surgery.evaluate.report import plot_divergence, plot_ruler
+
+    payload = {
+        "status": outcome.status,
+        "verdict": outcome.verdict_line(),
+        "original": original,
+        "patched": patched,
+        "gates": [o.model_dump() for o in outcome.outcomes],
+        "battery": [
+            {"eval": it.eval.name, "params": it.eval.model_dump(mode="json"), "why": it.why}
+            for it in outcome.battery.items
+        ],
+        "notes": outcome.battery.notes,
+        "seconds": outcome.seconds,
+    }
+    (directory / "check.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (directory / "original.json").write_text(Report(model=original, results=outcome.before).model_dump_json(indent=2))
+    (directory / "patched.json").write_text(Report(model=patched, results=outcome.after).model_dump_json(indent=2))
+    lines = [f"# Check: {patched} against {original}", "", f"**{outcome.verdict_line()}**", ""]
+    lines += ["Battery:", "", "```", *outcome.battery.describe(), "```", ""]
+    lines += [f"Note: {n}" for n in outcome.battery.notes]
+    lines += ["", outcome.table]
+    labels = {f"original: {Path(original).name}": Report(model=original, results=outcome.before)}
+    labels[f"patched: {Path(patched).name}"] = Report(model=patched, results=outcome.after)
+    if plot_divergence(labels, directory / "divergence.png"):
+        lines += ["", "![KL divergence by position](divergence.png)"]
+    if plot_ruler(labels, directory / "ruler.png"):
+        lines += ["", "![long-context tasks](ruler.png)"]
+    (directory / "report.md").write_text("\n".join(lines) + "\n")
