@@ -11,7 +11,7 @@ The battery is chosen from the patch records the patched model carries (`config.
 - sliding-window: the tasks, whose needles sit beyond the window.
 
 Each check comes with default gates at 95% confidence, printed so they can be copied and
-tightened. The original's side (reference statistics, task scores) is cached by model and
+tightened; a gate given on a default gate's metric replaces it. The original's side (reference statistics, task scores) is cached by model and
 settings, so checking ten candidates against one original pays for it once. `budget` (minutes)
 scales the sample counts to the measured speed of one forward; too few samples give an
 *inconclusive* verdict that says how many would tell, never a pass by default.
@@ -296,7 +296,8 @@ def run_check(
     if any(it.eval.name == "perplexity" for it in battery.items):  # past the original context
         within = a[f"divergence.{DOMAINS[0]}.ref_ppl@{battery.length}"]
         battery.gates.append(f"perplexity.band_ppl@*:max={MAX_LONG_PPL * within:.4g}")
-    gates = [parse_gate(g) for g in battery.gates] + extra
+    named = {g.metric for g in extra}  # a gate on a default gate's metric replaces it
+    gates = [g for g in map(parse_gate, battery.gates) if g.metric not in named] + extra
     outcomes = evaluate_gates(gates, b, a, (estimates_of(before), estimates_of(after)))
     return CheckOutcome(verdict(outcomes), battery, before, after, outcomes, time.perf_counter() - start)
 
