@@ -97,8 +97,10 @@ def plan(
     config. `scale` (0-1] shrinks sample counts to a time budget."""
     native = context_of(original_config)
     new = max([native, *[_new_context(r) for r in records]])
-    checked = min(native, length or 4096) if native else (length or 4096)
-    names = [r.get("name", "") for r in records]
+    asked = length or 4096
+    checked = min(native, asked) if native else asked  # the original is compared within its context
+    longest = min(new, asked) if native else asked  # a RoPE patch is also judged past it, when asked
+    names = [r["name"] for r in records]
     windows = max(2, round(DIVERGENCE_WINDOWS * scale))
     trials = max(1, round(TASK_TRIALS * scale))
     items: list[Item] = []
@@ -114,40 +116,62 @@ def plan(
         chunk = max(64, checked // 8)
         e = make_eval("divergence", reference=reference or None, length=checked, samples=windows, chunk=chunk)
         items.append(Item(e, f"the quantized cache read back ({chunk}-token chunks)", original=False))
-    task_length = checked
-    task_why = {
+    windowed = [int(r["params"]["window"]) for r in records if r["name"] == "sliding-window"]
+    why = {
         "kv-quant": "tasks through the quantized cache",
         "gqa": "tasks at the checked length",
         "mqa": "tasks at the checked length",
-        "sliding-window": "tasks with needles beyond the window",
+        "sliding-window": f"tasks with needles beyond the {min(windowed, default=0)}-token window",
     }
-    why = [task_why[n] for n in names if n in task_why]
-    if any(n in ROPE for n in names):
-        why.append("tasks at the longest length checked")
+    reasons = [why[n] for n in names if n in why] + (["tasks within the original context"] if ROPE & set(names) else [])
     depths = [0.1, 0.3, 0.5, 0.7, 0.9]
-    windowed = [r["params"].get("window") for r in records if r.get("name") == "sliding-window"]
-    if windowed and min(windowed) < task_length:
-        why[-1] = f"tasks with needles beyond the {min(windowed)}-token window"
-    if why:
-        e = make_eval("ruler", lengths=[task_length], depths=depths, trials=trials, batch=5)
-        items.append(Item(e, "; ".join(dict.fromkeys(why))))
-        gates.append(f"ruler.avg@{task_length}:max_decrease={MAX_TASK_DROP:g},confidence=0.95")
+    if reasons:
+        e = make_eval("ruler", lengths=[checked], depths=depths, trials=trials, batch=5)
+        items.append(Item(e, "; ".join(dict.fromkeys(reasons))))
+        gates.append(f"ruler.avg@{checked}:max_decrease={MAX_TASK_DROP:g},confidence=0.95")
     notes = []
-    if any(n in ROPE for n in names) and new > native:
-        notes.append(
-            f"the new context ({new}) is beyond the checked length {checked}: evaluate it with "
-            f"--length {new} where time allows (perplexity past {native} and tasks at {new})"
-        )
-        if checked >= new:  # only when asked to check that far
-            band = native
-            e = make_eval("perplexity", lengths=[new], band=band, samples=1)
+    if ROPE & set(names) and new > native:
+        if longest > native:  # past the original context: the patched model alone, gated against the original within it
+            e = make_eval("ruler", lengths=[longest], depths=depths, trials=trials, batch=5)
+            items.append(Item(e, f"tasks at {longest}, past the original {native}", original=False))
+            e = make_eval("perplexity", lengths=[longest], band=native, samples=1)
             items.append(Item(e, f"perplexity by band past the original {native} tokens", original=False))
+        if longest < new:
+            notes.append(
+                f"the new context ({new}) is beyond the checked length {longest}: check it with --length {new} "
+                f"where time allows (perplexity past {native} and tasks at {new})"
+            )
     return Battery(items=items, gates=gates, length=checked, notes=notes)
 
 
 def _new_context(record: dict[str, Any]) -> int:
-    diff = record.get("config_diff", {}).get("max_position_embeddings") or {}
-    return int(diff.get("after") or 0)
+    diff = record["config_diff"].get("max_position_embeddings") or {}
+    return int(diff.get("after") or 0) if isinstance(diff, dict) else 0
+
+
+def patch_records(config: Any) -> list[dict[str, Any]]:
+    """The patch records of a config, checked: a list of {name, params, config_diff} mappings (a
+    hand-edited or foreign `surgery` entry is refused, not half-read)."""
+    from surgery.patch import PATCHES, PatchRecord, construct
+
+    raw = getattr(config, "surgery", None) or []
+    if not isinstance(raw, list):
+        raise SurgeryError("the patched model's config has a 'surgery' entry that is not a list of patch records")
+    out = []
+    for i, record in enumerate(raw):
+        try:
+            parsed = PatchRecord.model_validate(record)
+            if parsed.name in PATCHES:  # its parameters as the patch itself would take them
+                construct(PATCHES[parsed.name], parsed.name, parsed.params)
+        except ValueError as err:
+            lines = str(err).splitlines()
+            raise SurgeryError(
+                f"patch record {i} in the patched model's config is malformed ({(lines[1:] or lines)[0].strip()})"
+            ) from None
+        except SurgeryError as err:
+            raise SurgeryError(f"patch record {i} in the patched model's config: {err}") from None
+        out.append(parsed.model_dump())
+    return out
 
 
 # ---------------------------------------------------------------------- the original's results
@@ -293,9 +317,13 @@ def run_check(
         after.append(result)
     b = {k: v for r in before for k, v in r.metrics.items()}
     a = {k: v for r in after for k, v in r.metrics.items()}
-    if any(it.eval.name == "perplexity" for it in battery.items):  # past the original context
-        within = a[f"divergence.{DOMAINS[0]}.ref_ppl@{battery.length}"]
-        battery.gates.append(f"perplexity.band_ppl@*:max={MAX_LONG_PPL * within:.4g}")
+    for it in battery.items:  # past the original context: limits from the original within it
+        if it.eval.name == "perplexity":
+            within = a[f"divergence.{DOMAINS[0]}.ref_ppl@{battery.length}"]
+            battery.gates.append(f"perplexity.band_ppl@*:max={MAX_LONG_PPL * within:.4g},confidence=0.95")
+        if it.eval.name == "ruler" and not it.original:
+            floor = b[f"ruler.avg@{battery.length}"] - MAX_TASK_DROP
+            battery.gates.append(f"ruler.avg@{it.eval.lengths[0]}:min={floor:.3g},confidence=0.95")
     named = {g.metric for g in extra}  # a gate on a default gate's metric replaces it
     gates = [g for g in map(parse_gate, battery.gates) if g.metric not in named] + extra
     outcomes = evaluate_gates(gates, b, a, (estimates_of(before), estimates_of(after)))

@@ -214,17 +214,16 @@ def check_cmd(
     """Check PATCHED against ORIGINAL with the battery its patch records call for: divergence on
     two text domains, long-context tasks where a patch touches them, gates at 95% confidence.
     Exit 0 pass, 1 a regression, 3 inconclusive (more samples needed), 2 bad input."""
-    from surgery.check import run_check, write_check
+    from surgery.check import patch_records, run_check, write_check
     from surgery.evaluate.gates import EXIT_CODES, parse_gate
     from surgery.io import atomic_dir, reserve
     from surgery.models import parse_dtype, resolve
-    from surgery.patch import history
 
     for g in gates:
         parse_gate(g)
     parse_dtype(dtype)
     sources = resolve(original).paths() + resolve(patched).paths()
-    records = history(surgery.load_config(patched))
+    records = patch_records(surgery.load_config(patched))
     target = output_path(out, Path.cwd() / f"{resolve(patched).name}-check")
     with reserve(target, force, sources):
         outcome = run_check(

@@ -39,7 +39,16 @@ def check(*args: str):
 
 def record(name: str, **params) -> dict:
     diff = {"max_position_embeddings": {"before": 8192, "after": params.pop("new")}} if "new" in params else {}
-    return {"name": name, "params": params, "config_diff": diff}
+    return {
+        "name": name,
+        "params": params,
+        "config_diff": diff,
+        "persist": "config",
+        "parameters_before": 0,
+        "parameters_after": 0,
+        "kv_bytes_per_token_before": 0,
+        "kv_bytes_per_token_after": 0,
+    }
 
 
 @pytest.mark.parametrize(
@@ -68,7 +77,10 @@ def test_battery_follows_the_patch_records(records, evals):
         assert any(it.eval.name == "divergence" and it.eval.chunk for it in battery.items)
     if records and records[0]["name"] == "yarn":  # 16k is not checked by default: said so
         assert "--length 16384" in " ".join(battery.notes)
-        assert plan(tiny_config("llama", max_position_embeddings=8192), records, length=16384).length == 8192
+        far = plan(tiny_config("llama", max_position_embeddings=8192), records, length=16384)
+        assert far.length == 8192 and not far.notes  # divergence within the original context ...
+        past = [(it.eval.name, it.original) for it in far.items if not it.original]
+        assert ("ruler", False) in past and ("perplexity", False) in past  # ... tasks and bands past it
 
 
 def test_budget_scales_samples():
@@ -95,7 +107,9 @@ def test_regression_exits_1_and_inconclusive_exits_3(original, tmp_path):
     user's gate on a default gate's metric replaces the default."""
     apply(["attention", "--impl", "eager", str(original), "-o", str(tmp_path / "mqa")])
     out = tmp_path / "r1"
-    fail = check(str(original), str(tmp_path / "mqa"), *LENGTH, "-o", str(out), "--gate", "divergence.*.kl@256:max=1e-9")
+    fail = check(
+        str(original), str(tmp_path / "mqa"), *LENGTH, "-o", str(out), "--gate", "divergence.*.kl@256:max=1e-9"
+    )
     assert fail.exit_code == 1, fail.output
     assert fail.output.strip().splitlines()[-1].startswith("FAIL")
     unsure = check(

@@ -121,13 +121,12 @@ class CheckStep(Step):
         return "check against " + (self.payload.original or "the recipe's model")
 
     def run(self, ctx: RunContext) -> bool:
-        from surgery.check import run_check
-        from surgery.patch import history
+        from surgery.check import patch_records, run_check
 
         p, state = self.payload, ctx.state
         outcome = run_check(
             p.original or ctx.recipe.model,
-            history(ctx.model.config),
+            patch_records(ctx.model.config),
             lambda: (ctx.model, ctx.tokenizer),
             length=p.length,
             budget=p.budget,
