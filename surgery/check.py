@@ -35,7 +35,7 @@ from surgery.arch import text_config
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, EvalResult, make_eval
 from surgery.evaluate.gates import GateOutcome, evaluate_gates, parse_gate, verdict
-from surgery.evaluate.report import Report, compare_rows, estimates_of, markdown_table
+from surgery.evaluate.report import Report, compare_rows, estimates_of, interval_problem, markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def plan(
         items.append(Item(e, f"divergence from the original on {domain}", original=False))
         gates += [
             f"divergence.{domain}.ppl_ratio@{checked}:max={MAX_PPL_RATIO:g},confidence=0.95",
-            f"divergence.{domain}.kl@{checked}:max={MAX_KL:g},confidence=0.95",
+            f"divergence.{domain}.kl_hi@{checked}:max={MAX_KL:g},confidence=0.95",  # the upper bound of KL
         ]
     if "kv-quant" in names:
         chunk = max(64, checked // 8)
@@ -124,7 +124,7 @@ def plan(
         "sliding-window": f"tasks with needles beyond the {min(windowed, default=0)}-token window",
     }
     reasons = [why[n] for n in names if n in why] + (["tasks within the original context"] if ROPE & set(names) else [])
-    depths = [0.1, 0.3, 0.5, 0.7, 0.9]
+    depths = [0.1, 0.3, 0.5, 0.7, 0.9] if scale >= 0.5 else [0.2, 0.5, 0.8]  # a small budget: 3 depths
     if reasons:
         e = make_eval("ruler", lengths=[checked], depths=depths, trials=trials, batch=5)
         items.append(Item(e, "; ".join(dict.fromkeys(reasons))))
@@ -177,29 +177,44 @@ def patch_records(config: Any) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------- the original's results
 
 
-def original_cache(original: str, e: Eval) -> Path:
+def original_cache(original: str, e: Eval, dtype: str) -> Path:
     from surgery.evaluate.divergence import model_identity
     from surgery.models import cache_dir
 
     key = {"version": 1, "model": model_identity(original), "eval": e.name, "params": e.model_dump(mode="json")}
+    key["dtype"] = dtype
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_dir() / "check" / f"{digest}.json"
 
 
-def cached_result(path: Path) -> EvalResult | None:
+def cached_result(path: Path, e: Eval) -> EvalResult | None:
+    """The original's cached result for `e`, if it is one: same eval, same parameters, intervals
+    that hold their values."""
     try:
-        return EvalResult.model_validate_json(path.read_bytes())
+        result = EvalResult.model_validate_json(path.read_bytes())
     except (OSError, ValueError):
         return None
+    if result.name != e.name or result.params != e.model_dump(mode="json") or interval_problem(result):
+        log.warning("check: ignoring the cached result %s, which is not this eval's", path)
+        return None
+    return result
 
 
 def store(path: Path, result: EvalResult) -> None:
+    """Cache a result; an unwritable cache costs the next check a recompute, nothing else."""
     import os
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(result.model_dump_json())
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(result.model_dump_json())
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("check: could not cache %s (%s)", path, err)
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 # ---------------------------------------------------------------------- running
@@ -295,8 +310,8 @@ def run_check(
         if it.eval.name == "divergence":
             it.eval.prepare_reference(model, tokenizer)  # cached by model and windows
         if it.original:
-            path = original_cache(original, it.eval)
-            result = cached_result(path)
+            path = original_cache(original, it.eval, dtype)
+            result = cached_result(path, it.eval)
             if result is None:
                 say(f"original: {it.eval.name} ...")
                 result = it.eval.run(model, tokenizer)

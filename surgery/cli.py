@@ -221,6 +221,8 @@ def check_cmd(
 
     for g in gates:
         parse_gate(g)
+    if budget is not None and budget != budget:
+        raise SurgeryError("--budget must be a number of minutes, e.g. --budget 10")
     parse_dtype(dtype)
     sources = resolve(original).paths() + resolve(patched).paths()
     records = patch_records(surgery.load_config(patched))

@@ -88,6 +88,7 @@ def test_budget_scales_samples():
     full, small = plan(cfg, [record("gqa", num_kv_heads=1)]), plan(cfg, [record("gqa", num_kv_heads=1)], scale=0.1)
     assert full.items[0].eval.samples == 8 and small.items[0].eval.samples == 2
     assert full.items[-1].eval.trials == 9 and small.items[-1].eval.trials == 1
+    assert len(full.items[-1].eval.depths) == 5 and len(small.items[-1].eval.depths) == 3
 
 
 def test_benign_change_passes_and_writes_a_report(original, tmp_path):
@@ -95,7 +96,7 @@ def test_benign_change_passes_and_writes_a_report(original, tmp_path):
     result = check(str(original), str(tmp_path / "eager"), *LENGTH, "-o", str(tmp_path / "report"))
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1].startswith("PASS")
-    assert "--gate 'divergence.docs.kl@256:max=0.1,confidence=0.95'" in result.output  # printed to copy
+    assert "--gate 'divergence.docs.kl_hi@256:max=0.1,confidence=0.95'" in result.output  # printed to copy
     payload = json.loads((tmp_path / "report" / "check.json").read_text())
     assert payload["status"] == "pass" and len(payload["gates"]) == 4
     assert (tmp_path / "report" / "divergence.png").stat().st_size > 10_000
@@ -108,7 +109,7 @@ def test_regression_exits_1_and_inconclusive_exits_3(original, tmp_path):
     apply(["attention", "--impl", "eager", str(original), "-o", str(tmp_path / "mqa")])
     out = tmp_path / "r1"
     fail = check(
-        str(original), str(tmp_path / "mqa"), *LENGTH, "-o", str(out), "--gate", "divergence.*.kl@256:max=1e-9"
+        str(original), str(tmp_path / "mqa"), *LENGTH, "-o", str(out), "--gate", "divergence.*.kl_hi@256:max=1e-9"
     )
     assert fail.exit_code == 1, fail.output
     assert fail.output.strip().splitlines()[-1].startswith("FAIL")
@@ -119,7 +120,7 @@ def test_regression_exits_1_and_inconclusive_exits_3(original, tmp_path):
         "-o",
         str(tmp_path / "r2"),
         "--gate",
-        "divergence.pydoc.kl@256:max=" + str(_kl(out)) + ",confidence=0.95",
+        "divergence.pydoc.kl_hi@256:max=" + str(_kl(out)) + ",confidence=0.95",
     )
     assert unsure.exit_code == 3, unsure.output
     assert "INCONCLUSIVE" in unsure.output and "samples" in unsure.output
@@ -127,7 +128,7 @@ def test_regression_exits_1_and_inconclusive_exits_3(original, tmp_path):
 
 def _kl(report: Path) -> float:
     results = json.loads((report / "patched.json").read_text())["results"]
-    return next(r["metrics"]["divergence.pydoc.kl@256"] for r in results if r["params"]["text"] == "pydoc")
+    return next(r["metrics"]["divergence.pydoc.kl_hi@256"] for r in results if r["params"]["text"] == "pydoc")
 
 
 @pytest.mark.parametrize(
@@ -159,7 +160,7 @@ def test_check_step_in_a_recipe(original, tmp_path):
     assert any("PASS" in line for line in lines) and (tmp_path / "saved" / "config.json").is_file()
     assert "divergence.docs.kl@256" in outcome.table
     strict = tmp_path / "strict.yaml"
-    steps[1] = {"check": {"length": 256, "gate": ["divergence.*.kl@256:max=-1"]}}
+    steps[1] = {"check": {"length": 256, "gate": ["divergence.*.kl_hi@256:max=-1"]}}
     steps[2] = {"save": str(tmp_path / "saved2")}
     strict.write_text(yaml.safe_dump({"model": str(original), "dtype": "float32", "steps": steps}))
     outcome = run_recipe(load_recipe(strict), tmp_path / "run2", echo=lines.append)
@@ -200,4 +201,4 @@ def test_embedded_round_trip_passes_and_mean_mqa_fails(tmp_path, monkeypatch):
     assert mqa.exit_code == 1, mqa.output
     gates = json.loads((tmp_path / "r2" / "check.json").read_text())["gates"]
     failed = {g["metric"] for g in gates if g["status"] == "fail"}
-    assert {"divergence.pydoc.kl@512", "divergence.docs.kl@512"} <= failed
+    assert {"divergence.pydoc.kl_hi@512", "divergence.docs.kl_hi@512"} <= failed

@@ -142,3 +142,41 @@ def test_kl_curve_covers_the_window(tok, reference):
     curve = run(other, tok, reference, top_k=0, buckets=8).details["kl_by_position"]
     assert len(curve) == 8 and curve[0][0] < curve[-1][0] < LENGTH
     assert all(kl > 0 and 0 <= agree <= 1 for _, kl, agree in curve)
+
+
+def test_cached_statistics_are_checked_before_use(tok, reference, tmp_path):
+    """A cache file that parses but does not fit (NaN, wrong dtype, ids out of range, wrong shape,
+    a missing tensor) is recomputed, never used."""
+    from safetensors.torch import load_file, save_file
+
+    other = tiny_model("llama", seed=7, max_position_embeddings=512)
+    first = run(other, tok, reference, top_k=16).metrics
+    (path,) = (tmp_path / "cache" / "reference").glob("*.safetensors")
+    good = load_file(path)
+    spoiled = [
+        {**good, "topk_logp": torch.full_like(good["topk_logp"], float("nan"))},
+        {**good, "target_logp": good["target_logp"].long()},
+        {**good, "topk_logp": torch.zeros_like(good["topk_logp"]) + 0.5},
+        {**good, "topk_ids": good["topk_ids"] + 1000},
+        {**good, "topk_logp": good["topk_logp"][:1].contiguous()},
+        {k: v for k, v in good.items() if k != "target_logp"},
+    ]
+    for stats in spoiled:
+        save_file(stats, str(path))
+        assert run(other, tok, reference, top_k=16).metrics == first
+
+
+def test_top_k_beyond_the_vocabulary_is_exact(tok, reference):
+    other = tiny_model("llama", seed=7, max_position_embeddings=512)
+    wide = run(other, tok, reference, top_k=500).metrics
+    exact = run(other, tok, reference, top_k=0).metrics
+    assert wide[f"divergence.pydoc.kl@{LENGTH}"] == pytest.approx(exact[f"divergence.pydoc.kl@{LENGTH}"], rel=1e-4)
+    assert wide[f"divergence.pydoc.kl_gap@{LENGTH}"] < 1e-6
+
+
+def test_unwritable_cache_still_evaluates(tok, reference, tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    monkeypatch.setenv("SURGERY_CACHE", str(blocker))
+    other = tiny_model("llama", seed=7, max_position_embeddings=512)
+    assert run(other, tok, reference, top_k=16).metrics[f"divergence.pydoc.kl@{LENGTH}"] > 0

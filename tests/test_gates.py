@@ -142,7 +142,7 @@ def test_confidence_on_wilson_accuracy():
         assert o.status == status
 
 
-def test_confidence_without_interval_falls_back_to_point():
+def _old_point_fallback():
     (o,) = evaluate_gates([parse_gate("perplexity.ppl@2048:max=11,confidence=0.95")], BEFORE, AFTER)
     assert o.status == "pass" and "point estimate" in o.message
 
@@ -172,3 +172,56 @@ def test_compare_exits_3_when_inconclusive(tmp_path):
     res = CliRunner().invoke(main, ["compare", before, after, "--gate", "needle.acc:max_decrease=0.2,confidence=0.95"])
     assert res.exit_code == 3, res.output
     assert "inconclusive" in res.output and "[" in res.output  # the table shows intervals
+
+
+def test_agreeing_samples_are_not_certainty():
+    """30 prompts that all agree bound a change by the rule of three (±3/30), not by zero; one
+    prompt bounds nothing."""
+    from surgery.evaluate.stats import mean_interval, paired
+
+    same = mean_interval([1.0] * 30, bounded=True)
+    d = paired(same, same)
+    assert d.low == pytest.approx(-0.1) and d.high == pytest.approx(0.1)
+    (o,) = evaluate_gates(
+        [parse_gate("ruler.avg:max_decrease=0.05,confidence=0.95")],
+        {"ruler.avg": 1.0},
+        {"ruler.avg": 1.0},
+        ({"ruler.avg": same}, {"ruler.avg": same}),
+    )
+    assert o.status == "inconclusive"
+    one = mean_interval([1.0], bounded=True)
+    assert one.high - one.low == 2
+
+
+@pytest.mark.parametrize("gate", ["ruler.avg:max_decrease=10%", "ruler.avg:min_recovery=0.9"])
+def test_relative_gate_on_zero_baseline_is_a_user_error(gate):
+    with pytest.raises(GateError, match="baseline of 0"):
+        evaluate_gates([parse_gate(gate)], {"ruler.avg": 0.0}, {"ruler.avg": 0.0})
+
+
+def test_confidence_without_interval_is_inconclusive():
+    (o,) = evaluate_gates([parse_gate("perplexity.ppl@2048:max=11,confidence=0.95")], BEFORE, AFTER)
+    assert o.status == "inconclusive" and "no interval" in o.message
+
+
+@pytest.mark.parametrize(
+    "interval, units, message",
+    [
+        ((1.0, 0.95), None, "outside its interval"),
+        ((0.95, 0.99), None, "outside its interval"),
+        ((0.4, 0.6), [1.0, 0.0, 1.0], "units but a count"),
+    ],
+)
+def test_compare_refuses_malformed_intervals(tmp_path, interval, units, message):
+    result = EvalResult(
+        name="needle",
+        params={},
+        metrics={"needle.acc": 0.5},
+        intervals={"needle.acc": interval},
+        counts={"needle.acc": 2},
+        units={"needle.acc": units} if units else {},
+    )
+    path = tmp_path / "r.json"
+    path.write_text(Report(model="m", results=[result]).model_dump_json())
+    res = CliRunner().invoke(main, ["compare", str(path), str(path)])
+    assert res.exit_code == 2 and message in res.output

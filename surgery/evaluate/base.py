@@ -16,6 +16,8 @@ from surgery.patch import construct
 
 
 class EvalResult(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="constants")  # a NaN metric is written as NaN and read back
+
     name: str
     params: dict[str, Any]
     metrics: dict[str, float]

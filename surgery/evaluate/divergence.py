@@ -72,7 +72,7 @@ def log_probs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
 
 def topk_stats(logp: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
     """The compact reference of one slice: top-k ids and log-probs, and the real token's log-prob."""
-    values, index = logp.topk(k, dim=-1)
+    values, index = logp.topk(min(k, logp.shape[-1]), dim=-1)
     return {
         "topk_ids": index.to(torch.int32),
         "topk_logp": values,
@@ -131,6 +131,28 @@ def compare_topk(ref: dict[str, torch.Tensor], logq: torch.Tensor, targets: torc
     }
 
 
+def stats_problem(stats: dict[str, torch.Tensor], windows: torch.Tensor, top_k: int, vocab: int) -> str | None:
+    """Why cached reference statistics do not fit these windows (None when they do): every tensor
+    with its shape and dtype, finite log-probs at most 0, token ids within the vocabulary."""
+    positions = (windows.shape[0], windows.shape[1] - 1)
+    k = min(top_k, vocab)
+    want = {"topk_ids": (positions + (k,), torch.int32), "topk_logp": (positions + (k,), torch.float32)}
+    want["target_logp"] = (positions, torch.float32)
+    if set(stats) != set(want):
+        return f"tensors {sorted(stats)}, expected {sorted(want)}"
+    for name, (shape, dtype) in want.items():
+        if tuple(stats[name].shape) != shape or stats[name].dtype != dtype:
+            return f"{name} is {stats[name].dtype} {tuple(stats[name].shape)}, expected {dtype} {shape}"
+    for name in ("topk_logp", "target_logp"):
+        values = stats[name]
+        if not torch.isfinite(values).all() or (values > 1e-4).any():
+            return f"{name} holds values that are not log-probabilities"
+    ids = stats["topk_ids"]
+    if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
+        return "topk_ids outside the vocabulary"
+    return None
+
+
 def model_identity(reference: str) -> dict[str, Any]:
     """What the cached reference statistics depend on in the reference model: its files' names,
     sizes and modification times for local models, the id for hub models."""
@@ -185,7 +207,7 @@ class Divergence(Eval):
 
     # ------------------------------------------------------------------ reference statistics
 
-    def cache_path(self, windows: torch.Tensor) -> Path:
+    def cache_path(self, windows: torch.Tensor, dtype: Any = None) -> Path:
         """Where the reference statistics for these token windows live: keyed by the reference's
         files, the exact token ids, and the settings that shape the statistics."""
         from surgery.models import cache_dir
@@ -196,6 +218,7 @@ class Divergence(Eval):
             "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
             "shape": list(windows.shape),
             "top_k": self.top_k,
+            "dtype": str(dtype),
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
         return cache_dir() / "reference" / f"{digest}.safetensors"
@@ -209,25 +232,28 @@ class Divergence(Eval):
         """Compute and cache the reference statistics from an already loaded reference model
         (`surgery check` loads the original once for all its evals)."""
         if self.top_k:
-            self.reference_stats(tokenizer, self.windows(tokenizer), None, loaded=reference)
+            vocab = reference.get_output_embeddings().weight.shape[0]
+            self.reference_stats(self.windows(tokenizer), None, vocab, loaded=reference)
 
     def reference_stats(
-        self, tokenizer: Any, windows: torch.Tensor, dtype: torch.dtype | None, loaded: torch.nn.Module | None = None
+        self, windows: torch.Tensor, dtype: torch.dtype | None, vocab: int, loaded: torch.nn.Module | None = None
     ) -> dict[str, torch.Tensor]:
         """The reference's top-k statistics for `windows`: read from the cache, else computed
         (from `loaded`, or by loading the reference model once) and cached."""
         from safetensors.torch import load_file, save_file
 
-        path = self.cache_path(windows)
-        positions = (windows.shape[0], windows.shape[1] - 1)
+        dtype = dtype if loaded is None else next(loaded.parameters()).dtype
+        path = self.cache_path(windows, dtype)
         if path.is_file():
             try:
                 stats = load_file(path)
-                if stats["target_logp"].shape == positions and stats["topk_ids"].shape[-1] == self.top_k:
-                    log.info("divergence: reference statistics from %s", path)
-                    return stats
+                problem = stats_problem(stats, windows, self.top_k, vocab)
             except Exception as err:  # a torn or foreign file: recompute it
-                log.warning("divergence: ignoring unreadable reference cache %s (%s)", path, err)
+                problem = str(err)
+            if problem is None:
+                log.info("divergence: reference statistics from %s", path)
+                return stats
+            log.warning("divergence: recomputing the reference cache %s (%s)", path, problem)
         if loaded is not None:
             reference = loaded
         else:
@@ -253,13 +279,18 @@ class Divergence(Eval):
         reference.train(was_training)
         del reference
         stats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
             save_file(stats, str(tmp), metadata={"reference": self.need_reference(), "text": self.text})
             os.replace(tmp, path)
+        except OSError as err:  # an unwritable cache costs the next run a recompute, nothing else
+            log.warning("divergence: could not cache the reference statistics in %s (%s)", path.parent, err)
         finally:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass
         return stats
 
     # ------------------------------------------------------------------ evaluation
@@ -269,7 +300,7 @@ class Divergence(Eval):
         device = next(model.parameters()).device
         dtype = next(model.parameters()).dtype
         if self.top_k:
-            stats = self.reference_stats(tokenizer, windows, dtype)
+            stats = self.reference_stats(windows, dtype, model.get_output_embeddings().weight.shape[0])
             reference = None
         else:
             from surgery.models import load_model
@@ -311,7 +342,8 @@ class Divergence(Eval):
             f"{d}.ppl@{n}": block_mean(data["nll"]).exp(),
             f"{d}.ref_ppl@{n}": block_mean(data["nll_ref"]).exp(),
         }
-        if self.top_k:
+        if self.top_k:  # the upper bound: what a `max` gate on KL should read (exact KL is between)
+            metrics[f"{d}.kl_hi@{n}"] = block_mean(data["kl_hi"])
             metrics[f"{d}.kl_gap@{n}"] = float((data["kl_hi"] - kl).mean())
         width = kl.shape[1]
         edges = np.linspace(0, width, min(self.buckets, width) + 1).astype(int)

@@ -94,6 +94,10 @@ def parse_gate(text: str) -> Gate:
 
 
 def check_rule(rule: Rule, before: float | None, after: float, metric: str) -> tuple[bool, str]:
+    if rule.kind in NEEDS_BEFORE and (before == 0 and (rule.relative or rule.kind == "min_recovery")):
+        raise GateError(f"{rule.describe()} on '{metric}' is relative to a baseline of 0; use an absolute rule")
+    if rule.kind == "min_recovery" and after == 0 and not higher_is_better(metric):
+        raise GateError(f"min_recovery on '{metric}' divides by its after value, which is 0; use an absolute rule")
     if rule.kind == "min":
         return after >= rule.value, f"{after:.4g} >= {rule.value:g}"
     if rule.kind == "max":
@@ -190,15 +194,15 @@ def evaluate_gates(
                 if rule.kind in NEEDS_BEFORE and prior is None:
                     raise GateError(f"gate '{gate.text}': {rule.kind} needs a baseline, and '{name}' has none before")
                 more = None
+                passed, message = check_rule(rule, prior, after[name], name)  # also refuses zero baselines
+                status = "pass" if passed else "fail"
                 if gate.confidence and name in a_ci and (rule.kind not in NEEDS_BEFORE or name in b_ci):
                     status, message, more = check_with_confidence(
                         rule, b_ci.get(name), a_ci[name], name, gate.confidence
                     )
-                else:
-                    passed, message = check_rule(rule, prior, after[name], name)
-                    status = "pass" if passed else "fail"
-                    if gate.confidence:
-                        message += " (no interval: point estimate)"
+                elif gate.confidence:  # significance was asked for and cannot be had
+                    status = "inconclusive"
+                    message += " (no interval to judge at this confidence: inconclusive)"
                 outcomes.append(
                     GateOutcome(
                         gate=gate.text,

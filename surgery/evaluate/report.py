@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import EvalResult, higher_is_better
@@ -14,6 +14,8 @@ from surgery.evaluate.stats import Estimate, combine, paired
 
 
 class Report(BaseModel):
+    model_config = ConfigDict(ser_json_inf_nan="constants")
+
     model: str
     results: list[EvalResult]
 
@@ -80,6 +82,26 @@ class Row(BaseModel):
         return None if self.delta is None or not self.before else self.delta / abs(self.before)
 
 
+def interval_problem(result: EvalResult) -> str | None:
+    """Why a result's intervals cannot be trusted (None when they can): each must be finite, hold
+    its value, and come with a sample count that matches its units."""
+    import math
+
+    for metric, (low, high) in result.intervals.items():
+        value = result.metrics.get(metric)
+        if value is None:
+            return f"an interval for '{metric}', which has no value"
+        if not (math.isfinite(low) and math.isfinite(high)):
+            return f"'{metric}' has a non-finite interval"
+        slack = 1e-9 * max(1.0, abs(value))
+        if not low - slack <= value <= high + slack:
+            return f"'{metric}' = {value:g} lies outside its interval [{low:g}, {high:g}]"
+        units = result.units.get(metric)
+        if units is not None and len(units) != result.counts.get(metric, len(units)):
+            return f"'{metric}' has {len(units)} units but a count of {result.counts.get(metric)}"
+    return None
+
+
 def load_report(path: str | Path) -> Report:
     path = Path(path)
     if path.is_dir():
@@ -87,13 +109,18 @@ def load_report(path: str | Path) -> Report:
     if not path.is_file():
         raise SurgeryError(f"no results file at {path}; pass the results.json written by `surgery eval`")
     try:
-        return Report.model_validate_json(path.read_bytes())
+        report = Report.model_validate_json(path.read_bytes())
     except OSError as err:
         raise SurgeryError(f"cannot read {path}: {err.strerror}") from None
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise SurgeryError(f"{path} is not a surgery results file ({where}: {first['msg']})") from None
+    for result in report.results:
+        problem = interval_problem(result)
+        if problem:
+            raise SurgeryError(f"{path}: {problem}; pass results written by surgery")
+    return report
 
 
 def fmt(x: float | None) -> str:

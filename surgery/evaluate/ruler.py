@@ -167,7 +167,7 @@ def estimate(scores: list[float]) -> Estimate:
     """Mean score with a 95% interval: Wilson when every score is 0 or 1, else a bootstrap."""
     if all(s in (0.0, 1.0) for s in scores):
         return outcomes(scores)
-    return mean_interval(scores)
+    return mean_interval(scores, bounded=True)
 
 
 @dataclass(frozen=True)

@@ -70,15 +70,22 @@ def samples_for_halfwidth(halfwidth: float, p: float = 0.5, confidence: float = 
     return math.ceil(z * z * p * (1 - p) / halfwidth**2)
 
 
-def mean_interval(values, confidence: float = CONFIDENCE) -> Estimate:
-    """Mean of independent samples `values` (1-D) with Student's t interval."""
+def mean_interval(values, confidence: float = CONFIDENCE, bounded: bool = False) -> Estimate:
+    """Mean of independent samples `values` (1-D) with Student's t interval. Samples that all agree
+    prove less than t's zero width says: for `bounded` samples (scores in [0, 1] and their paired
+    differences) the rule of three gives ±3/n (at most 3/n of the units could differ unseen); one
+    sample gives no interval at all (±1 for bounded ones, ±(|mean| + 1) otherwise)."""
     from scipy.stats import t
 
     x = np.asarray(values, dtype=np.float64).ravel()
     mean = float(x.mean()) if x.size else math.nan
     units = tuple(float(v) for v in x)
-    if x.size < 2 or np.ptp(x) == 0:
-        return Estimate(mean, mean, mean, int(x.size), units)
+    if x.size < 2:
+        half = 1.0 if bounded else abs(mean) + 1
+        return Estimate(mean, mean - half, mean + half, int(x.size), units)
+    if np.ptp(x) == 0:
+        half = min(1.0, 3 / x.size) if bounded else 0.0
+        return Estimate(mean, mean - half, mean + half, int(x.size), units)
     half = float(t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
     return Estimate(mean, mean - half, mean + half, int(x.size), units)
 
@@ -135,7 +142,8 @@ def paired(before: Estimate, after: Estimate, confidence: float = CONFIDENCE) ->
     units are log-scale, so the change is before x (exp(mean difference) - 1)."""
     if not before.units or len(before.units) != len(after.units) or before.log != after.log:
         return None
-    d = mean_interval(np.subtract(after.units, before.units), confidence)
+    bounded = all(0 <= u <= 1 for u in before.units + after.units) and not after.log
+    d = mean_interval(np.subtract(after.units, before.units), confidence, bounded)
     if not after.log:
         return Estimate(after.value - before.value, d.low, d.high, d.n)
     scale = before.value

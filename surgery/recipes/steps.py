@@ -351,7 +351,8 @@ def domain_warnings(compiled: list[Step]) -> list[str]:
                     out.append(
                         f"steps.{step.index}.gate '{gate.metric}' is measured on {text}, the text {trained[text]} "
                         "trained or calibrated on (its held-out part, but the same domain): add a gate on "
-                        "another text (text: docs) or a check step, which always measures two domains"
+                        f"another text (text: {'pydoc' if text == 'docs' else 'docs'}) or a check step, which "
+                        "always measures two domains"
                     )
     return out
 
