@@ -177,27 +177,31 @@ def main() -> None:
     root.mkdir(parents=True, exist_ok=True)
     done = json.loads((args.out / "guard.json").read_text()) if (args.out / "guard.json").is_file() else []
     rows = [r for r in done if args.only and r["variant"] not in args.only]  # --only reruns some rows, keeps the rest
-    for expected, table in (("damaging", DAMAGING), ("benign", BENIGN)):
-        for name, make in table.items():
-            if args.only and name not in args.only:
-                continue
-            path = build(name, make, root, args.healed)
-            if path is None:
-                continue
-            code, seconds, payload = run_check(path, args.out / "reports" / path.name, args.length, args.budget)
-            status = {0: "pass", 1: "fail", 3: "inconclusive"}[code]
-            row = {
-                "variant": name,
-                "expected": expected,
-                "status": status,
-                "right": (status == "fail") if expected == "damaging" else (status == "pass"),
-                "seconds": seconds,
-                "caught_by": caught_by(payload, "fail" if status == "fail" else "inconclusive"),
-                "old_gates": old_gates(payload, args.length),
-            }
-            rows.append(row)
-            print(json.dumps(row), flush=True)
-            (args.out / "guard.json").write_text(json.dumps(rows, indent=2) + "\n")
+    # cheap rows first, the ones that need minutes of fitting or a recipe run last
+    order = sorted(
+        [("damaging", n, m) for n, m in DAMAGING.items()] + [("benign", n, m) for n, m in BENIGN.items()],
+        key=lambda row: (row[2] == "HEALED", "fitted" in row[1]),
+    )
+    for expected, name, make in order:
+        if args.only and name not in args.only:
+            continue
+        path = build(name, make, root, args.healed)
+        if path is None:
+            continue
+        code, seconds, payload = run_check(path, args.out / "reports" / path.name, args.length, args.budget)
+        status = {0: "pass", 1: "fail", 3: "inconclusive"}[code]
+        row = {
+            "variant": name,
+            "expected": expected,
+            "status": status,
+            "right": (status == "fail") if expected == "damaging" else (status == "pass"),
+            "seconds": seconds,
+            "caught_by": caught_by(payload, "fail" if status == "fail" else "inconclusive"),
+            "old_gates": old_gates(payload, args.length),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (args.out / "guard.json").write_text(json.dumps(rows, indent=2) + "\n")
     damaging = [r for r in rows if r["expected"] == "damaging"]
     benign = [r for r in rows if r["expected"] == "benign"]
     lines = [

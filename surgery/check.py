@@ -110,12 +110,16 @@ def plan(
         items.append(Item(e, f"divergence from the original on {domain}", original=False))
         gates += [
             f"divergence.{domain}.ppl_ratio@{checked}:max={MAX_PPL_RATIO:g},confidence=0.95",
-            f"divergence.{domain}.kl_hi@{checked}:max={MAX_KL:g},confidence=0.95",  # the upper bound of KL
+            f"divergence.{domain}.kl@{checked}:max={MAX_KL:g},confidence=0.95",
         ]
     if "kv-quant" in names:
         chunk = max(64, checked // 8)
         e = make_eval("divergence", reference=reference or None, length=checked, samples=windows, chunk=chunk)
         items.append(Item(e, f"the quantized cache read back ({chunk}-token chunks)", original=False))
+        gates += [
+            f"divergence.{e.domain}.ppl_ratio@{checked}:max={MAX_PPL_RATIO:g},confidence=0.95",
+            f"divergence.{e.domain}.kl@{checked}:max={MAX_KL:g},confidence=0.95",
+        ]
     windowed = [int(r["params"]["window"]) for r in records if r["name"] == "sliding-window"]
     why = {
         "kv-quant": "tasks through the quantized cache",

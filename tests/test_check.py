@@ -73,8 +73,9 @@ def test_battery_follows_the_patch_records(records, evals):
         ruler = next(it.eval for it in battery.items if it.eval.name == "ruler")
         assert len(ruler.depths) * ruler.trials >= 43  # Wilson ±0.15 per task at full budget
         assert any(g.startswith("ruler.avg@4096:max_decrease") for g in battery.gates)
-    if records and records[0]["name"] == "kv-quant":
-        assert any(it.eval.name == "divergence" and it.eval.chunk for it in battery.items)
+    if records and records[0]["name"] == "kv-quant":  # through the cache, under its own metric names
+        assert any(it.eval.name == "divergence" and it.eval.chunk == 512 for it in battery.items)
+        assert "divergence.pydoc-chunk512.kl@4096:max=0.1,confidence=0.95" in battery.gates
     if records and records[0]["name"] == "yarn":  # 16k is not checked by default: said so
         assert "--length 16384" in " ".join(battery.notes)
         far = plan(tiny_config("llama", max_position_embeddings=8192), records, length=16384)
@@ -96,7 +97,7 @@ def test_benign_change_passes_and_writes_a_report(original, tmp_path):
     result = check(str(original), str(tmp_path / "eager"), *LENGTH, "-o", str(tmp_path / "report"))
     assert result.exit_code == 0, result.output
     assert result.output.strip().splitlines()[-1].startswith("PASS")
-    assert "--gate 'divergence.docs.kl_hi@256:max=0.1,confidence=0.95'" in result.output  # printed to copy
+    assert "--gate 'divergence.docs.kl@256:max=0.1,confidence=0.95'" in result.output  # printed to copy
     payload = json.loads((tmp_path / "report" / "check.json").read_text())
     assert payload["status"] == "pass" and len(payload["gates"]) == 4
     assert (tmp_path / "report" / "divergence.png").stat().st_size > 10_000
@@ -109,7 +110,7 @@ def test_regression_exits_1_and_inconclusive_exits_3(original, tmp_path):
     apply(["attention", "--impl", "eager", str(original), "-o", str(tmp_path / "mqa")])
     out = tmp_path / "r1"
     fail = check(
-        str(original), str(tmp_path / "mqa"), *LENGTH, "-o", str(out), "--gate", "divergence.*.kl_hi@256:max=1e-9"
+        str(original), str(tmp_path / "mqa"), *LENGTH, "-o", str(out), "--gate", "divergence.*.kl@256:max=1e-9"
     )
     assert fail.exit_code == 1, fail.output
     assert fail.output.strip().splitlines()[-1].startswith("FAIL")
@@ -120,7 +121,7 @@ def test_regression_exits_1_and_inconclusive_exits_3(original, tmp_path):
         "-o",
         str(tmp_path / "r2"),
         "--gate",
-        "divergence.pydoc.kl_hi@256:max=" + str(_kl(out)) + ",confidence=0.95",
+        "divergence.pydoc.kl@256:max=" + str(_kl(out)) + ",confidence=0.95",
     )
     assert unsure.exit_code == 3, unsure.output
     assert "INCONCLUSIVE" in unsure.output and "samples" in unsure.output
@@ -128,7 +129,7 @@ def test_regression_exits_1_and_inconclusive_exits_3(original, tmp_path):
 
 def _kl(report: Path) -> float:
     results = json.loads((report / "patched.json").read_text())["results"]
-    return next(r["metrics"]["divergence.pydoc.kl_hi@256"] for r in results if r["params"]["text"] == "pydoc")
+    return next(r["metrics"]["divergence.pydoc.kl@256"] for r in results if r["params"]["text"] == "pydoc")
 
 
 @pytest.mark.parametrize(
@@ -160,7 +161,7 @@ def test_check_step_in_a_recipe(original, tmp_path):
     assert any("PASS" in line for line in lines) and (tmp_path / "saved" / "config.json").is_file()
     assert "divergence.docs.kl@256" in outcome.table
     strict = tmp_path / "strict.yaml"
-    steps[1] = {"check": {"length": 256, "gate": ["divergence.*.kl_hi@256:max=-1"]}}
+    steps[1] = {"check": {"length": 256, "gate": ["divergence.*.kl@256:max=-1"]}}
     steps[2] = {"save": str(tmp_path / "saved2")}
     strict.write_text(yaml.safe_dump({"model": str(original), "dtype": "float32", "steps": steps}))
     outcome = run_recipe(load_recipe(strict), tmp_path / "run2", echo=lines.append)
@@ -201,4 +202,4 @@ def test_embedded_round_trip_passes_and_mean_mqa_fails(tmp_path, monkeypatch):
     assert mqa.exit_code == 1, mqa.output
     gates = json.loads((tmp_path / "r2" / "check.json").read_text())["gates"]
     failed = {g["metric"] for g in gates if g["status"] == "fail"}
-    assert {"divergence.pydoc.kl_hi@512", "divergence.docs.kl_hi@512"} <= failed
+    assert {"divergence.pydoc.kl@512", "divergence.docs.kl@512"} <= failed

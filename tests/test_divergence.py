@@ -123,10 +123,10 @@ def test_reference_statistics_are_cached(tok, reference, monkeypatch, tmp_path):
 
 def test_chunked_run_reads_the_quantized_cache(tok, reference):
     model, _ = surgery.load_model(str(reference), dtype="float32")
-    plain = run(model, tok, reference, top_k=0, chunk=64).metrics[f"divergence.pydoc.kl@{LENGTH}"]
+    plain = run(model, tok, reference, top_k=0, chunk=64).metrics[f"divergence.pydoc-chunk64.kl@{LENGTH}"]
     make_patch("kv-quant", bits=2, residual=8, group_size=8).apply(model)
     single = run(model, tok, reference, top_k=0).metrics[f"divergence.pydoc.kl@{LENGTH}"]
-    chunked = run(model, tok, reference, top_k=0, chunk=64).metrics[f"divergence.pydoc.kl@{LENGTH}"]
+    chunked = run(model, tok, reference, top_k=0, chunk=64).metrics[f"divergence.pydoc-chunk64.kl@{LENGTH}"]
     # a full-precision cache read back in chunks changes nothing; one pass never reads the cache;
     # the 2-bit cache read back does (the random tiny model's distributions are near-flat, so KL is small)
     assert plain < 1e-7 and single < 1e-7 and chunked > 1e-5

@@ -196,8 +196,10 @@ class Divergence(Eval):
 
     @property
     def domain(self) -> str:
-        """The text's short name, which leads every metric name: two domains never collide."""
-        return text_label(self.text)
+        """The text's short name, which leads every metric name, with the chunk size when the KV
+        cache is read (`pydoc-chunk512`): two domains, or a text with and without the cache,
+        never collide."""
+        return text_label(self.text) + (f"-chunk{self.chunk}" if self.chunk else "")
 
     def for_recipe(self, model: str) -> Divergence:
         return self if self.reference else self.model_copy(update={"reference": model})
