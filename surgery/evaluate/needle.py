@@ -31,6 +31,13 @@ QUESTION = "\nWhat is the pass key? The pass key is"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 
+def fractions(v: list[float]) -> list[float]:
+    """Needle depths: a non-empty list of fractions of the haystack (0 = its start)."""
+    if not v or any(not 0 <= d <= 1 for d in v):
+        raise ValueError("depths must be fractions between 0 and 1")
+    return v
+
+
 def first_number(text: str) -> str | None:
     m = re.search(r"\d+", text)
     return m.group(0) if m else None
@@ -66,9 +73,7 @@ class Needle(Eval):
     @field_validator("depths")
     @classmethod
     def _depths(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0 <= d <= 1 for d in v):
-            raise ValueError("depths must be fractions between 0 and 1")
-        return v
+        return fractions(v)
 
     def cells(self) -> list[tuple[int, float, str]]:
         """(length, depth, key) for every prompt, deterministic in the seed."""

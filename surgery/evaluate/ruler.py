@@ -51,7 +51,7 @@ from pydantic import Field, field_validator, model_validator
 from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.evaluate.base import Eval, progress, register
-from surgery.evaluate.needle import FILLER
+from surgery.evaluate.needle import FILLER, fractions
 from surgery.evaluate.stats import Estimate, mean_interval, outcomes, samples_for_halfwidth
 
 log = logging.getLogger(__name__)
@@ -256,9 +256,7 @@ class Ruler(Eval):
     @field_validator("depths")
     @classmethod
     def _depths(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0 <= d <= 1 for d in v):
-            raise ValueError("depths must be fractions between 0 and 1")
-        return v
+        return fractions(v)
 
     @model_validator(mode="after")
     def _enough_prompts(self) -> Ruler:

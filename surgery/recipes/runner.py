@@ -237,7 +237,7 @@ def run_step_and_record(step: Step, ctx: RunContext, partial: Path, process: Any
     state, total = ctx.state, len(ctx.recipe.compiled)
     if state.failed:
         ctx.say(
-            f"[{step.index + 1}/{total}] {step.label}: skipped (a gate {'was inconclusive' if state.inconclusive else 'failed'})"
+            f"[{step.index + 1}/{total}] {step.label}: skipped (a gate {'was inconclusive' if state.status == 'inconclusive' else 'failed'})"
         )
         return
     ctx.say(f"[{step.index + 1}/{total}] {step.label}")

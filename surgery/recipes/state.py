@@ -28,7 +28,6 @@ class RunState(BaseModel):
     saved: list[str] = []
     pushed: list[str] = []
     failed: bool = False  # a gate failed, or could not tell: later steps are skipped
-    inconclusive: bool = False  # ... because a gate could not tell (exit code 3, not 1)
     checkpoint: str | None = None  # directory in OUT.partial holding the model after `completed` steps
     seconds: dict[str, float] = Field(default_factory=dict)
     labels: dict[str, str] = Field(default_factory=dict)  # eval step index -> what the model was then
@@ -39,6 +38,11 @@ class RunState(BaseModel):
         from surgery.evaluate.report import estimates_of
 
         return estimates_of(self.results, first)
+
+    def record_gates(self, outcomes: list[GateOutcome]) -> None:
+        """Keep a gate step's (or a check's) outcomes; anything but a pass stops later steps."""
+        self.gates.extend(outcomes)
+        self.failed = self.failed or not all(o.passed for o in outcomes)
 
     @property
     def status(self) -> str:

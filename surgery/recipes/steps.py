@@ -141,9 +141,7 @@ class CheckStep(Step):
         state.results += outcome.before + outcome.after
         changes = state.changes
         state.labels[str(self.index)] = "after " + ", ".join(changes) if changes else "checked"
-        state.gates.extend(outcome.outcomes)
-        state.failed = state.failed or outcome.status != "pass"
-        state.inconclusive = state.inconclusive or outcome.status == "inconclusive"
+        state.record_gates(outcome.outcomes)
         ctx.say(f"    {outcome.verdict_line()}")
         return False
 
@@ -220,11 +218,9 @@ class GateStep(Step):
         state = ctx.state
         intervals = (state.estimates(first=True), state.estimates(first=False))
         outcomes = evaluate_gates(self.payload, state.metrics(first=True), state.metrics(first=False), intervals)
-        state.gates.extend(outcomes)
+        state.record_gates(outcomes)
         for o in outcomes:
             ctx.say(f"    {o.status.upper() if o.status != 'pass' else 'pass'}  {o.metric}: {o.message}")
-        state.failed = state.failed or not all(o.passed for o in outcomes)
-        state.inconclusive = state.inconclusive or any(o.status == "inconclusive" for o in outcomes)
         return False
 
 
