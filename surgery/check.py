@@ -34,7 +34,7 @@ import torch
 from surgery.arch import text_config
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, EvalResult, make_eval
-from surgery.evaluate.gates import GateOutcome, evaluate_gates, parse_gate, verdict
+from surgery.evaluate.gates import Gate, GateOutcome, evaluate_gates, parse_gate, verdict
 from surgery.evaluate.report import Report, compare_rows, estimates_of, interval_problem, markdown_table
 
 log = logging.getLogger(__name__)
@@ -146,6 +146,28 @@ def plan(
                 f"where time allows (perplexity past {native} and tasks at {new})"
             )
     return Battery(items=items, gates=gates, length=checked, notes=notes)
+
+
+def preflight(battery: Battery, gates: list[Gate]) -> None:
+    """Refuse, before anything loads, a user gate this battery cannot answer: a metric of an eval
+    the check does not run, or at a length it does not measure (it would fail after the minutes
+    the battery takes)."""
+    evals = sorted({it.eval.name for it in battery.items})
+    lengths = {battery.length}
+    for it in battery.items:
+        p = it.eval.model_dump()
+        lengths |= {p["length"]} if "length" in p else set(p.get("lengths") or [])
+    for g in gates:
+        head = g.metric.split(".", 1)[0]
+        if head not in evals:
+            raise SurgeryError(
+                f"gate {g.text!r}: this check runs no {head} eval (it runs {', '.join(evals)}); "
+                "gate one of their metrics, e.g. divergence.pydoc.kl@LENGTH"
+            )
+        at = g.metric.rpartition("@")[2] if "@" in g.metric else ""
+        if at.isdigit() and int(at) not in lengths:
+            shown = ", ".join(map(str, sorted(lengths)))
+            raise SurgeryError(f"gate {g.text!r}: this check measures at {shown} tokens, not {at}; use one of those")
 
 
 def _new_context(record: dict[str, Any]) -> int:
@@ -289,15 +311,16 @@ def run_check(
     """Check a patched model (with these patch `records`) against the original. The original is
     loaded first and released before `load_patched` is called, so the two never share memory
     unless the caller already holds the patched model."""
-    from surgery.models import load_model
+    from surgery.models import load_config, load_model
 
     start = time.perf_counter()
     extra = [parse_gate(g) for g in extra_gates or []]  # bad gates fail before anything loads
+    battery = plan(load_config(original), records, length, 1.0, reference=original)
+    preflight(battery, extra)  # before minutes of loading and measuring
     say(f"loading the original {original}")
     model, tokenizer = load_model(original, dtype=dtype)
     if tokenizer is None:
         raise SurgeryError(f"{original} has no tokenizer, which the check needs; save one with the model")
-    battery = plan(model.config, records, length, 1.0, reference=original)
     scale = 1.0
     if budget:
         per_forward = calibrate(model, tokenizer, battery.length)

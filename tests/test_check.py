@@ -138,10 +138,12 @@ def _kl(report: Path) -> float:
         (["--gate", "divergence.kl:max"], "needs a number"),
         (["--budget", "0"], "0"),
         (["--dtype", "float13"], "float13"),
+        (["--gate", "needle.acc@256:min=0.5"], "this check runs no needle eval"),
+        (["--gate", "divergence.pydoc.kl@999:max=0.1"], "measures at 256 tokens, not 999"),
     ],
 )
 def test_bad_arguments_are_one_line(original, args, message):
-    result = check(str(original), str(original), *args)
+    result = check(str(original), str(original), *LENGTH, *args)
     assert result.exit_code == 2 and message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 
@@ -166,6 +168,23 @@ def test_check_step_in_a_recipe(original, tmp_path):
     strict.write_text(yaml.safe_dump({"model": str(original), "dtype": "float32", "steps": steps}))
     outcome = run_recipe(load_recipe(strict), tmp_path / "run2", echo=lines.append)
     assert outcome.state.status == "fail" and not (tmp_path / "saved2").exists()
+
+
+def test_validate_finds_a_bad_check_step_before_loading(original, tmp_path):
+    path = tmp_path / "recipe.yaml"
+
+    def validate(check: dict) -> tuple[int, str]:
+        steps = [{"patch": "attention", "impl": "eager"}, {"check": check}]
+        path.write_text(yaml.safe_dump({"model": str(original), "steps": steps}))
+        result = CliRunner().invoke(main, ["validate", str(path), "--model", str(original)])
+        return result.exit_code, result.output
+
+    code, output = validate({"length": 256})
+    assert code == 0 and "dry run steps.1 check: divergence, divergence" in output, output
+    code, output = validate({"original": str(tmp_path / "gone")})
+    assert code == 2 and "steps.1.check" in output and "gone" in output, output
+    code, output = validate({"length": 256, "gate": ["ruler.avg@256:min=0.5"]})
+    assert code == 2 and "steps.1.check: gate 'ruler.avg@256:min=0.5': this check runs no ruler eval" in output
 
 
 def test_validate_warns_when_a_gate_reads_the_training_text(original, tmp_path):

@@ -84,8 +84,9 @@ class Step(BaseModel):
         """Directories this step will write, with whether it may replace them (checked up front)."""
         return []
 
-    def dry_run(self, skeleton: torch.nn.Module) -> str | None:
-        """Simulate the step on a meta-device model; a line to show, or None for steps without effect."""
+    def dry_run(self, skeleton: torch.nn.Module, source: str) -> str | None:
+        """Simulate the step on a meta-device model (`skeleton`, built from the model `source` and
+        carrying the steps before this one); a line to show, or None for steps without effect."""
         return None
 
     def run(self, ctx: RunContext) -> bool:
@@ -102,7 +103,7 @@ def dry_run(recipe: Any, model: str | None = None) -> list[str]:
     lines = []
     for step in recipe.compiled:
         try:
-            line = step.dry_run(skeleton_model)
+            line = step.dry_run(skeleton_model, model or recipe.model)
         except SurgeryError as err:
             raise RecipeError(model or recipe.model, [str(err)]) from None
         if line:

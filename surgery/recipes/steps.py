@@ -36,7 +36,7 @@ class PatchStep(Step):
     def label(self) -> str:
         return f"patch {self.payload.slug()}"
 
-    def dry_run(self, skeleton: torch.nn.Module) -> str | None:
+    def dry_run(self, skeleton: torch.nn.Module, source: str) -> str | None:
         try:
             record = self.payload.dry_run().apply(skeleton)
         except SurgeryError as err:
@@ -119,6 +119,22 @@ class CheckStep(Step):
     @property
     def label(self) -> str:
         return "check against " + (self.payload.original or "the recipe's model")
+
+    def dry_run(self, skeleton: torch.nn.Module, source: str) -> str | None:
+        """The battery the check will run on the model as the patches before it leave it: a missing
+        original, or a gate the battery cannot answer, is found before any weights load."""
+        from surgery.check import patch_records, plan, preflight
+        from surgery.models import load_config
+
+        p = self.payload
+        try:
+            original = load_config(p.original or source)
+            records = patch_records(skeleton.config)
+            battery = plan(original, records, p.length)
+            preflight(battery, [parse_gate(g) for g in p.gate])
+        except SurgeryError as err:
+            raise SurgeryError(f"steps.{self.index}.check: {err}") from None
+        return f"steps.{self.index} check: " + ", ".join(it.eval.name for it in battery.items)
 
     def run(self, ctx: RunContext) -> bool:
         from surgery.check import patch_records, run_check
