@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, BeforeValidator
 
 from surgery.errors import SurgeryError
 
@@ -21,8 +21,16 @@ Split = Literal["train", "heldout"]
 
 
 def check_source(source: str) -> str:
-    """A text source that can be read: pydoc, hf:NAME[:CONFIG], or an existing .txt/.jsonl file
-    (checked when parameters are validated, before any model is loaded)."""
+    """A text source that can be read: pydoc, docs, hf:NAME[:CONFIG], an existing .txt/.jsonl
+    file, or a mix of them joined by '+' (checked when parameters are validated, before any model
+    is loaded)."""
+    parts = mix_parts(source)
+    if len(parts) > 1:
+        if len(set(parts)) != len(parts):
+            raise ValueError(f"text mix '{source}' names a source twice")
+        for part in parts:
+            check_source(part)
+        return source
     if source in NAMED or (source.startswith("hf:") and len(source) > 3):
         return source
     path = Path(source).expanduser()
@@ -33,7 +41,23 @@ def check_source(source: str) -> str:
     return source
 
 
-TextSource = Annotated[str, AfterValidator(check_source)]
+def join_mix(value: object) -> object:
+    """A YAML list of sources is their mix: [pydoc, docs] -> 'pydoc+docs'."""
+    if isinstance(value, list | tuple):
+        if not value or not all(isinstance(v, str) and v for v in value):
+            raise ValueError("a text mix is a list of source names, e.g. [pydoc, docs]")
+        return "+".join(value)
+    return value
+
+
+def mix_parts(source: str) -> list[str]:
+    """The sources of a mix ('pydoc+docs'); a single source (a file whose name holds '+' too)."""
+    if "+" not in source or Path(source).expanduser().is_file():
+        return [source]
+    return [part.strip() for part in source.split("+")]
+
+
+TextSource = Annotated[str, BeforeValidator(join_mix), AfterValidator(check_source)]
 HELDOUT_EVERY = 5  # one topic (or docstring) in five is held out
 NAMED = ("pydoc", "docs")  # the offline sources every install has
 
@@ -43,10 +67,18 @@ def text_label(source: str) -> str:
     or the file's stem (letters, digits, - and _ only)."""
     import re
 
+    parts = mix_parts(source)
+    if len(parts) > 1:
+        return "+".join(text_label(part) for part in parts)
     name = source[3:].split(":")[0].split("/")[-1] if source.startswith("hf:") else source
     if source not in NAMED and not source.startswith("hf:"):
         name = Path(source).stem
     return re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-") or "text"
+
+
+def components(source: str) -> set[str]:
+    """The single sources a text (or a mix) reads, by label: what a fine-tune saw."""
+    return {text_label(part) for part in mix_parts(source)}
 
 
 def is_heldout(topic: str) -> bool:
@@ -111,17 +143,36 @@ def _docs() -> tuple[tuple[str, ...], tuple[str, ...]]:
                     out[is_heldout(name)].append(doc.strip())
     if not out[1]:
         raise SurgeryError("the docs text needs torch and transformers installed; use --text pydoc")
-    return tuple(out[0]), tuple(out[1])
+    # the same docstring under several names (copied, inherited) lands on both sides of a hash of
+    # the name: train keeps only texts the held-out part does not have, once each
+    held = set(out[1])
+    train = [d for d in dict.fromkeys(out[0]) if d not in held]
+    return tuple(train), tuple(out[1])
 
 
 def load_text(source: str = "pydoc", split: Split = "heldout", field: str = "text") -> str:
-    """The text of a source: `pydoc`, a .txt or .jsonl path, or `hf:NAME[:CONFIG]`."""
+    """The text of a source: `pydoc`, `docs`, a .txt or .jsonl path, `hf:NAME[:CONFIG]`, or a mix
+    of them ('pydoc+docs'), its documents joined by blank lines."""
+    return "\n\n".join(documents(source, split, field))
+
+
+def documents(source: str, split: Split = "heldout", field: str = "text") -> list[str]:
+    """The documents of a source in a fixed order: pydoc topics, docstrings, .jsonl or dataset
+    rows, a .txt file's paragraphs. A mix interleaves its sources' documents evenly (each source's
+    documents spread over the whole in their own order), so any prefix of it, such as a
+    calibration sample, holds every source in proportion to its size."""
+    parts = mix_parts(source)
+    if len(parts) > 1:
+        docs = [documents(part, split, field) for part in parts]
+        docs = [[x for x in d[0].split("\n\n") if x.strip()] if len(d) == 1 else d for d in docs]  # paragraphs
+        spread = [((j + 0.5) / len(d), i, j) for i, d in enumerate(docs) for j in range(len(d))]
+        return [docs[i][j] for _, i, j in sorted(spread)]
     if source == "pydoc":
-        return pydoc_text(split)
+        return pydoc_topics_split(split)
     if source == "docs":
-        return "\n\n".join(docs_split(split))
+        return list(docs_split(split))
     if source.startswith("hf:"):
-        return dataset_text(source[3:], split, field)
+        return dataset_rows(source[3:], split, field)
     path = Path(source).expanduser()
     if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
         raise SurgeryError(
@@ -133,12 +184,12 @@ def load_text(source: str = "pydoc", split: Split = "heldout", field: str = "tex
     except UnicodeDecodeError as err:
         raise SurgeryError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
     if path.suffix == ".jsonl":
-        return jsonl_text(path, text, field)
-    return text
+        return jsonl_rows(path, text, field)
+    return [text]
 
 
-def jsonl_text(path: Path, text: str, field: str) -> str:
-    """The `field` of every row of a JSON-lines file, joined by blank lines."""
+def jsonl_rows(path: Path, text: str, field: str) -> list[str]:
+    """The `field` of every row of a JSON-lines file."""
     out = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -150,10 +201,10 @@ def jsonl_text(path: Path, text: str, field: str) -> str:
         if not isinstance(row, dict) or field not in row:
             raise SurgeryError(f"{path}: line {number} has no '{field}' field")
         out.append(str(row[field]))
-    return "\n\n".join(out)
+    return out
 
 
-def dataset_text(spec: str, split: Split, field: str) -> str:
+def dataset_rows(spec: str, split: Split, field: str) -> list[str]:
     import datasets
 
     name, _, config = spec.partition(":")
@@ -167,7 +218,7 @@ def dataset_text(spec: str, split: Split, field: str) -> str:
         ) from err
     if field not in data.column_names:
         raise SurgeryError(f"dataset '{name}' has no '{field}' column; it has {', '.join(data.column_names)}")
-    return "\n\n".join(t for t in data[field] if t)
+    return [t for t in data[field] if t]
 
 
 def token_stream(tokenizer, text: str):

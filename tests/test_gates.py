@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from click.testing import CliRunner
@@ -181,7 +182,10 @@ def test_agreeing_samples_are_not_certainty():
 
     same = mean_interval([1.0] * 30, bounded=True)
     d = paired(same, same)
-    assert d.low == pytest.approx(-0.1) and d.high == pytest.approx(0.1)
+    assert d.low == pytest.approx(-math.log(20) / 30) and d.high == pytest.approx(math.log(20) / 30)  # ~3/30
+    # one disagreement in 30 does not buy a narrower interval than none (t alone would give ±0.068)
+    one_off = paired(same, mean_interval([1.0] * 29 + [0.0], bounded=True))
+    assert one_off.high - one_off.low >= d.high - d.low - 1e-12
     (o,) = evaluate_gates(
         [parse_gate("ruler.avg:max_decrease=0.05,confidence=0.95")],
         {"ruler.avg": 1.0},

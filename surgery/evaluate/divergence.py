@@ -111,17 +111,27 @@ def compare_exact(logp: torch.Tensor, logq: torch.Tensor, targets: torch.Tensor)
     }
 
 
+def lumped_kl(ids: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(KL_k, its head term) per position: KL(p ‖ q) with the tail outside the reference's top-k
+    `ids` (log-probs `logp`) lumped into one outcome, r = 1 - Σ_K p against s = 1 - Σ_K q (the
+    two tails computed alike, so a model against itself gives exactly 0). Differentiable in `logq`:
+    the distillation loss of a heal."""
+    p = logp.exp()
+    q_at = logq.gather(-1, ids)
+    head = (p * (logp - q_at)).sum(-1)
+    r = (1 - p.sum(-1)).clamp_min(0)
+    s = (1 - q_at.exp().sum(-1)).clamp_min(1e-30)
+    lumped = torch.where(r > 0, r * (r.clamp_min(1e-30).log() - s.log()), torch.zeros_like(r))
+    return head + lumped, head
+
+
 def compare_topk(ref: dict[str, torch.Tensor], logq: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """The same from a compact reference: KL_k (a lower bound) and KL_hi (an upper bound)."""
     ids, logp = ref["topk_ids"].long(), ref["topk_logp"].float()
-    p = logp.exp()
-    q_at = logq.gather(-1, ids)
-    r = (1 - p.sum(-1)).clamp_min(0)
-    s = (1 - q_at.exp().sum(-1)).clamp_min(1e-30)
-    head = (p * (logp - q_at)).sum(-1)
-    lumped = torch.where(r > 0, r * (r.clamp_min(1e-30).log() - s.log()), torch.zeros_like(r))
-    kl = (head + lumped).clamp_min(0)
-    hi = head + tail_bound(logq, ids, p[..., -1], r)
+    lumped, head = lumped_kl(ids, logp, logq)
+    kl = lumped.clamp_min(0)
+    r = (1 - logp.exp().sum(-1)).clamp_min(0)
+    hi = head + tail_bound(logq, ids, logp[..., -1].exp(), r)
     return {
         "kl": kl,
         "kl_hi": torch.maximum(hi, kl),
@@ -168,6 +178,96 @@ def model_identity(reference: str) -> dict[str, Any]:
     return {"kind": source.kind, "location": source.location if source.kind == "hub" else None, "files": files}
 
 
+def stats_path(reference: str, windows: torch.Tensor, top_k: int, dtype: Any) -> Path:
+    """Where a reference's statistics for these token windows live: keyed by the reference's
+    files, the exact token ids, and the settings that shape the statistics."""
+    from surgery.models import cache_dir
+
+    key = {
+        "version": CACHE_VERSION,
+        "reference": model_identity(reference),
+        "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
+        "shape": list(windows.shape),
+        "top_k": top_k,
+        "dtype": str(dtype),
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_dir() / "reference" / f"{digest}.safetensors"
+
+
+def reference_topk(
+    reference: str,
+    windows: torch.Tensor,
+    top_k: int,
+    dtype: torch.dtype | None,
+    vocab: int,
+    loaded: torch.nn.Module | None = None,
+    batch: int = 1,
+    note: str = "",
+) -> dict[str, torch.Tensor]:
+    """A reference model's top-k statistics for token `windows` (N, T): per predicted position its
+    top-k ids and log-probs and the real next token's log-prob. Read from the cache when a file
+    there fits these windows, else computed (from `loaded`, or by loading `reference` once) and
+    cached; the divergence eval and the distillation loss of a heal both read it."""
+    from safetensors.torch import load_file, save_file
+
+    dtype = dtype if loaded is None else next(loaded.parameters()).dtype
+    path = stats_path(reference, windows, top_k, dtype)
+    if path.is_file():
+        try:
+            stats = load_file(path)
+            problem = stats_problem(stats, windows, top_k, vocab)
+        except Exception as err:  # a torn or foreign file: recompute it
+            problem = str(err)
+        if problem is None:
+            log.info("reference statistics from %s", path)
+            return stats
+        log.warning("recomputing the reference cache %s (%s)", path, problem)
+    if loaded is not None:
+        model = loaded
+    else:
+        from surgery.models import load_model
+
+        model, _ = load_model(reference, dtype=dtype or "float32")
+    got_vocab = model.get_output_embeddings().weight.shape[0]
+    if got_vocab != vocab:
+        raise SurgeryError(
+            f"the reference {reference} has {got_vocab} output tokens, the model {vocab}; use the same tokenizer"
+        )
+    was_training = model.training
+    model.eval()
+    parts: dict[str, list[torch.Tensor]] = {"topk_ids": [], "topk_logp": [], "target_logp": []}
+    with torch.inference_mode(), progress(len(windows), "reference statistics", "window") as bar:
+        for s in range(0, len(windows), batch):
+            ids = windows[s : s + batch].to(next(model.parameters()).device)
+            pieces: dict[str, list[torch.Tensor]] = {k: [] for k in parts}
+            hidden = final_hidden(model, ids)
+            for a in range(0, hidden.shape[1], LOGIT_SLICE):
+                logp = log_probs(model, hidden[:, a : a + LOGIT_SLICE])
+                got = topk_stats(logp, ids[:, a + 1 : a + 1 + logp.shape[1]], top_k)
+                for k, v in got.items():
+                    pieces[k].append(v.cpu())
+            for k in parts:
+                parts[k].append(torch.cat(pieces[k], dim=1))
+            bar.update(ids.shape[0])
+    model.train(was_training)
+    del model
+    stats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(stats, str(tmp), metadata={"reference": reference, "text": note})
+        os.replace(tmp, path)
+    except OSError as err:  # an unwritable cache costs the next run a recompute, nothing else
+        log.warning("could not cache the reference statistics in %s (%s)", path.parent, err)
+    finally:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    return stats
+
+
 @register
 class Divergence(Eval):
     """KL divergence, top-1 agreement and perplexity ratio against a reference model."""
@@ -212,18 +312,7 @@ class Divergence(Eval):
     def cache_path(self, windows: torch.Tensor, dtype: Any = None) -> Path:
         """Where the reference statistics for these token windows live: keyed by the reference's
         files, the exact token ids, and the settings that shape the statistics."""
-        from surgery.models import cache_dir
-
-        key = {
-            "version": CACHE_VERSION,
-            "reference": model_identity(self.need_reference()),
-            "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
-            "shape": list(windows.shape),
-            "top_k": self.top_k,
-            "dtype": str(dtype),
-        }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-        return cache_dir() / "reference" / f"{digest}.safetensors"
+        return stats_path(self.need_reference(), windows, self.top_k, dtype)
 
     def need_reference(self) -> str:
         if not self.reference:
@@ -240,60 +329,10 @@ class Divergence(Eval):
     def reference_stats(
         self, windows: torch.Tensor, dtype: torch.dtype | None, vocab: int, loaded: torch.nn.Module | None = None
     ) -> dict[str, torch.Tensor]:
-        """The reference's top-k statistics for `windows`: read from the cache, else computed
-        (from `loaded`, or by loading the reference model once) and cached."""
-        from safetensors.torch import load_file, save_file
-
-        dtype = dtype if loaded is None else next(loaded.parameters()).dtype
-        path = self.cache_path(windows, dtype)
-        if path.is_file():
-            try:
-                stats = load_file(path)
-                problem = stats_problem(stats, windows, self.top_k, vocab)
-            except Exception as err:  # a torn or foreign file: recompute it
-                problem = str(err)
-            if problem is None:
-                log.info("divergence: reference statistics from %s", path)
-                return stats
-            log.warning("divergence: recomputing the reference cache %s (%s)", path, problem)
-        if loaded is not None:
-            reference = loaded
-        else:
-            from surgery.models import load_model
-
-            reference, _ = load_model(self.need_reference(), dtype=dtype or "float32")
-        was_training = reference.training
-        reference.eval()
-        parts: dict[str, list[torch.Tensor]] = {"topk_ids": [], "topk_logp": [], "target_logp": []}
-        with torch.inference_mode(), progress(len(windows), "divergence: reference", "window") as bar:
-            for s in range(0, len(windows), self.batch):
-                ids = windows[s : s + self.batch].to(next(reference.parameters()).device)
-                pieces: dict[str, list[torch.Tensor]] = {k: [] for k in parts}
-                hidden = final_hidden(reference, ids)
-                for a in range(0, hidden.shape[1], LOGIT_SLICE):
-                    logp = log_probs(reference, hidden[:, a : a + LOGIT_SLICE])
-                    got = topk_stats(logp, ids[:, a + 1 : a + 1 + logp.shape[1]], self.top_k)
-                    for k, v in got.items():
-                        pieces[k].append(v.cpu())
-                for k in parts:
-                    parts[k].append(torch.cat(pieces[k], dim=1))
-                bar.update(ids.shape[0])
-        reference.train(was_training)
-        del reference
-        stats = {k: torch.cat(v).contiguous() for k, v in parts.items()}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file(stats, str(tmp), metadata={"reference": self.need_reference(), "text": self.text})
-            os.replace(tmp, path)
-        except OSError as err:  # an unwritable cache costs the next run a recompute, nothing else
-            log.warning("divergence: could not cache the reference statistics in %s (%s)", path.parent, err)
-        finally:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass
-        return stats
+        """The reference's top-k statistics for `windows` (cached; see `reference_topk`)."""
+        return reference_topk(
+            self.need_reference(), windows, self.top_k, dtype, vocab, loaded, self.batch, note=self.text
+        )
 
     # ------------------------------------------------------------------ evaluation
 

@@ -71,10 +71,12 @@ def samples_for_halfwidth(halfwidth: float, p: float = 0.5, confidence: float = 
 
 
 def mean_interval(values, confidence: float = CONFIDENCE, bounded: bool = False) -> Estimate:
-    """Mean of independent samples `values` (1-D) with Student's t interval. Samples that all agree
-    prove less than t's zero width says: for `bounded` samples (scores in [0, 1] and their paired
-    differences) the rule of three gives ±3/n (at most 3/n of the units could differ unseen); one
-    sample gives no interval at all (±1 for bounded ones, ±(|mean| + 1) otherwise)."""
+    """Mean of independent samples `values` (1-D) with Student's t interval. For `bounded` samples
+    (scores in [0, 1] and their paired differences) the half-width is at least the rule of three's
+    -ln(1 - confidence) / n (3/n at 95%): when all n agree, up to that share of the units could
+    differ unseen, and a disagreement or two must not buy a narrower interval than none (t is
+    anti-conservative for rare events). One sample gives no interval at all (±1 for bounded ones,
+    ±(|mean| + 1) otherwise)."""
     from scipy.stats import t
 
     x = np.asarray(values, dtype=np.float64).ravel()
@@ -83,10 +85,9 @@ def mean_interval(values, confidence: float = CONFIDENCE, bounded: bool = False)
     if x.size < 2:
         half = 1.0 if bounded else abs(mean) + 1
         return Estimate(mean, mean - half, mean + half, int(x.size), units)
-    if np.ptp(x) == 0:
-        half = min(1.0, 3 / x.size) if bounded else 0.0
-        return Estimate(mean, mean - half, mean + half, int(x.size), units)
-    half = float(t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    half = 0.0 if np.ptp(x) == 0 else float(t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
+    if bounded:
+        half = min(1.0, max(half, -math.log(1 - confidence) / x.size))
     return Estimate(mean, mean - half, mean + half, int(x.size), units)
 
 

@@ -1,6 +1,13 @@
 """Short recovery fine-tunes on accelerate: LoRA through PEFT (merged back, so the result is a plain
 checkpoint) or full fine-tuning, optionally restricted to parameters matching glob patterns.
 
+Two objectives: `ce`, next-token cross-entropy on the text, and `kl`, distillation toward a teacher
+(in a recipe, the model it started from): KL(teacher ‖ model) per position, read from the teacher's
+top-k log-probs with the tail lumped (the divergence eval's statistics and cache, so the teacher is
+loaded once, run over the training blocks, and freed before training starts), mixed with
+cross-entropy by `kl_weight`. A heal on `ce` learns its training text; a heal on `kl` learns the
+teacher's behaviour on it, which carries to text it never saw.
+
 The same code runs in one process or under `accelerate launch` with several: the Accelerator
 shards the data, wraps the model for data parallelism and averages gradients; losses are gathered
 so every process logs the same curve. Data comes from the train part of a text source only, so a
@@ -45,6 +52,12 @@ class Finetune(BaseModel):
     text: TextSource = Field(
         "pydoc", description="text source (train part): pydoc, docs, a .txt/.jsonl file, or hf:NAME[:CONFIG]"
     )
+    loss: Literal["ce", "kl"] = Field(
+        "ce", description="ce: next-token cross-entropy; kl: distil the teacher's distributions (mixed with ce)"
+    )
+    kl_weight: float = Field(1.0, ge=0, le=1, description="loss kl: weight of the KL term; the rest is cross-entropy")
+    teacher: str | None = Field(None, description="loss kl: the model to distil (in a recipe: the recipe's model)")
+    top_k: int = Field(128, ge=1, description="loss kl: teacher log-probs kept per position (the tail is lumped)")
     lora_r: int = Field(16, ge=1, description="LoRA rank")
     lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="LoRA dropout")
@@ -61,6 +74,9 @@ class Finetune(BaseModel):
     def _method_fields(self) -> Finetune:
         if self.method == "lora" and self.trainable is not None:
             raise ValueError("trainable applies to method full; LoRA trains the adapters on target_modules")
+        stray = sorted({"kl_weight", "teacher", "top_k"} & self.model_fields_set) if self.loss == "ce" else []
+        if stray:
+            raise ValueError(f"{', '.join(stray)} applies to loss kl; add loss: kl or remove it")
         return self
 
 
@@ -110,11 +126,39 @@ def attach_trainable(model: torch.nn.Module, settings: Finetune) -> tuple[torch.
     return adapted, sum(p.numel() for p in adapted.parameters() if p.requires_grad)
 
 
+def distill_loss(logits: torch.Tensor, teacher: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean KL(teacher ‖ model) per predicted position, from the teacher's top-k statistics of the
+    same blocks (B, T-1, k) and the model's logits (B, T, V), the tail lumped (see lumped_kl)."""
+    from surgery.evaluate.divergence import lumped_kl
+
+    logq = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    kl, _ = lumped_kl(teacher["topk_ids"].long(), teacher["topk_logp"].float(), logq)
+    return kl.mean()
+
+
+def batch_loss(wrapped: Any, ids: torch.Tensor, teacher: dict[str, torch.Tensor] | None, settings: Finetune):
+    """The training loss of one micro-batch: cross-entropy, or KL toward the teacher mixed with it."""
+    if teacher is None:
+        return wrapped(input_ids=ids, labels=ids).loss
+    logits = wrapped(input_ids=ids).logits
+    loss = settings.kl_weight * distill_loss(logits, teacher)
+    if settings.kl_weight < 1:
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss = loss + (1 - settings.kl_weight) * ce
+    return loss
+
+
 def train_steps(
-    accelerator: Any, wrapped: Any, optimizer: Any, scheduler: Any, loader: Any, settings: Finetune
+    accelerator: Any,
+    wrapped: Any,
+    optimizer: Any,
+    scheduler: Any,
+    loader: Any,
+    settings: Finetune,
+    teacher: dict[str, torch.Tensor] | None = None,
 ) -> list[float]:
-    """`max_steps` optimizer steps of next-token loss over `loader` (cycled); the loss of each step,
-    averaged over its micro-batches and gathered across processes."""
+    """`max_steps` optimizer steps over `loader` (cycled; batches of block indices into `blocks`);
+    the loss of each step, averaged over its micro-batches and gathered across processes."""
     from tqdm.auto import tqdm
 
     losses: list[float] = []
@@ -128,8 +172,10 @@ def train_steps(
             except StopIteration:  # another epoch over the train text
                 batches = iter(loader)
                 batch = next(batches)
+            ids, index = batch
             with accelerator.accumulate(wrapped):
-                loss = wrapped(input_ids=batch, labels=batch).loss
+                stats = {k: v[index.cpu()].to(ids.device) for k, v in teacher.items()} if teacher else None
+                loss = batch_loss(wrapped, ids, stats, settings)
                 accelerator.backward(loss)
                 optimizer.step()
                 scheduler.step()
@@ -142,10 +188,36 @@ def train_steps(
     return losses
 
 
-def run_finetune(model: torch.nn.Module, tokenizer: Any, settings: Finetune, seed: int = 0) -> dict[str, Any]:
+def used_blocks(blocks: torch.Tensor, settings: Finetune, processes: int, seed: int) -> torch.Tensor:
+    """The blocks a run of `max_steps` can reach: all of them when it goes over the text at least
+    once, else a seeded sample of the sequences it needs (so a distillation teacher is run over
+    what training reads, not over the whole text)."""
+    needed = settings.max_steps * settings.grad_accum * settings.batch_size * processes
+    if needed >= len(blocks):
+        return blocks
+    pick = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))[:needed]
+    return blocks[pick.sort().values]
+
+
+def teacher_stats(blocks: torch.Tensor, settings: Finetune, teacher: str | None, model: torch.nn.Module, dtype):
+    """The teacher's top-k statistics over the training blocks (cached by teacher and token ids)."""
+    from surgery.evaluate.divergence import reference_topk
+
+    if not teacher:
+        raise SurgeryError(
+            "finetune loss kl needs a teacher: set teacher: MODEL (in a recipe it is the recipe's model)"
+        )
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return reference_topk(teacher, blocks, settings.top_k, dtype, vocab, note=f"finetune {settings.text}")
+
+
+def run_finetune(
+    model: torch.nn.Module, tokenizer: Any, settings: Finetune, seed: int = 0, teacher: str | None = None
+) -> dict[str, Any]:
     """Train `model` in place; returns {"losses", "seconds", "tokens", "trainable"}. LoRA adapters
     are merged and removed afterwards, so `model` stays a plain transformers model; every
-    parameter's requires_grad flag and the train/eval mode are restored."""
+    parameter's requires_grad flag and the train/eval mode are restored. With loss kl the teacher
+    is `settings.teacher`, else `teacher` (a recipe passes its starting model)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -154,9 +226,17 @@ def run_finetune(model: torch.nn.Module, tokenizer: Any, settings: Finetune, see
     seed = settings.seed if settings.seed is not None else seed
     accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not torch.cuda.is_available())
     set_seed(seed)
-    blocks = token_blocks(tokenizer, settings.text, settings.seq_len)
+    blocks = used_blocks(
+        token_blocks(tokenizer, settings.text, settings.seq_len), settings, accelerator.num_processes, seed
+    )
+    stats = None
+    if settings.loss == "kl":
+        dtype = next(model.parameters()).dtype
+        with accelerator.main_process_first():  # the main process computes and caches, the others read
+            stats = teacher_stats(blocks, settings, settings.teacher or teacher, model, dtype)
     generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(blocks, batch_size=settings.batch_size, shuffle=True, generator=generator)
+    data = torch.utils.data.TensorDataset(blocks, torch.arange(len(blocks)))
+    loader = torch.utils.data.DataLoader(data, batch_size=settings.batch_size, shuffle=True, generator=generator)
 
     was_training = model.training
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -167,7 +247,7 @@ def run_finetune(model: torch.nn.Module, tokenizer: Any, settings: Finetune, see
     trainable_model.train()
     wrapped, optimizer, loader, scheduler = accelerator.prepare(trainable_model, optimizer, loader, scheduler)
     start = time.perf_counter()
-    losses = train_steps(accelerator, wrapped, optimizer, scheduler, loader, settings)
+    losses = train_steps(accelerator, wrapped, optimizer, scheduler, loader, settings, stats)
     seconds = time.perf_counter() - start
 
     unwrapped = accelerator.unwrap_model(wrapped)

@@ -180,14 +180,21 @@ class FinetuneStep(Step):
 
     @property
     def label(self) -> str:
-        return f"finetune {self.payload.method} {self.payload.max_steps} steps"
+        p = self.payload
+        objective = (
+            ""
+            if p.loss == "ce"
+            else f", kl toward {p.teacher or 'the recipe model'}"
+            + (f" (weight {p.kl_weight:g})" if p.kl_weight < 1 else "")
+        )
+        return f"finetune {p.method} {p.max_steps} steps on {p.text}{objective}"
 
     def run(self, ctx: RunContext) -> bool:
         from surgery.recipes.finetune import run_finetune
 
-        result = run_finetune(ctx.model, ctx.tokenizer, self.payload, seed=ctx.recipe.seed)
+        result = run_finetune(ctx.model, ctx.tokenizer, self.payload, seed=ctx.recipe.seed, teacher=ctx.recipe.model)
         losses = result["losses"]
-        heal = f"{self.payload.method} heal"
+        heal = f"{self.payload.method} heal" + (" (kl)" if self.payload.loss == "kl" else "")
         ctx.state.finetunes.append({"step": self.index, "label": f"{heal}, {self.payload.max_steps} steps", **result})
         ctx.state.changes.append(heal)
         ctx.say(
@@ -343,28 +350,34 @@ STEPS: dict[str, type[Step]] = {
 
 def domain_warnings(compiled: list[Step]) -> list[str]:
     """Gates that judge the model on the text a fine-tune or a data-aware patch of the recipe
-    trained or calibrated on (another part of it, but the same domain): their pass says little
-    about text the model did not see."""
-    trained: dict[str, str] = {}  # text source -> the step that used it
+    trained or calibrated on (another part of it, but the same domain; for mixes, any source they
+    share): their pass says little about text the model did not see."""
+    from surgery.data import NAMED, components
+
+    trained: dict[str, str] = {}  # single text source (label) -> the step that used it
     measured: dict[str, str | None] = {}  # eval family -> the text of its latest eval step
     out = []
     for step in compiled:
         if isinstance(step, FinetuneStep):
-            trained.setdefault(step.payload.text, f"steps.{step.index}.finetune")
+            for part in components(step.payload.text):
+                trained.setdefault(part, f"steps.{step.index}.finetune")
         elif isinstance(step, PatchStep):
             for text in step.payload.calibration_sources():
-                trained.setdefault(text, f"steps.{step.index}.patch ({step.payload.name})")
+                for part in components(text):
+                    trained.setdefault(part, f"steps.{step.index}.patch ({step.payload.name})")
         elif isinstance(step, EvalStep):
             measured[step.payload.name] = getattr(step.payload, "text", None)
         elif isinstance(step, GateStep):
             for gate in step.payload:
                 text = measured.get(gate.metric.split(".", 1)[0])
-                if text in trained:
+                seen = sorted(components(text) & set(trained)) if text else []
+                if seen:
+                    unseen = [t for t in NAMED if t not in trained]
+                    other = f"another text (text: {unseen[0]})" if unseen else "text no step trained on"
                     out.append(
-                        f"steps.{step.index}.gate '{gate.metric}' is measured on {text}, the text {trained[text]} "
-                        "trained or calibrated on (its held-out part, but the same domain): add a gate on "
-                        f"another text (text: {'pydoc' if text == 'docs' else 'docs'}) or a check step, which "
-                        "always measures two domains"
+                        f"steps.{step.index}.gate '{gate.metric}' is measured on {text}, the text {trained[seen[0]]} "
+                        f"trained or calibrated on (its held-out part, but the same domain): add a gate on {other} "
+                        "or a check step, which always measures two domains"
                     )
     return out
 
