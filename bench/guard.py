@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import subprocess
 import sys
@@ -196,6 +197,7 @@ def main() -> None:
             "status": status,
             "right": (status == "fail") if expected == "damaging" else (status == "pass"),
             "seconds": seconds,
+            "budget": args.budget,
             "caught_by": caught_by(payload, "fail" if status == "fail" else "inconclusive"),
             "old_gates": old_gates(payload, args.length),
         }
@@ -205,15 +207,16 @@ def main() -> None:
     damaging = [r for r in rows if r["expected"] == "damaging"]
     benign = [r for r in rows if r["expected"] == "benign"]
     lines = [
-        f"Checked at {args.length} tokens, budget {args.budget:g} min per check (2 CPU cores).",
+        f"Checked at {args.length} tokens, on {os.cpu_count()} CPU cores; budget: the `--budget` of each check (minutes).",
         "",
-        "| variant | expected | verdict | gate that decided | pre-check gates | wall s |",
-        "|---|---|---|---|---|---:|",
+        "| variant | expected | verdict | gate that decided | pre-check gates | budget | wall s |",
+        "|---|---|---|---|---|---:|---:|",
     ]
     for r in rows:
         verdict = r["status"].upper() if r["right"] else f"**{r['status'].upper()}**"
         lines.append(
-            f"| {r['variant']} | {r['expected']} | {verdict} | {r['caught_by']} | {r['old_gates']} | {r['seconds']:.0f} |"
+            f"| {r['variant']} | {r['expected']} | {verdict} | {r['caught_by']} | {r['old_gates']} "
+            f"| {r.get('budget', args.budget):g} | {r['seconds']:.0f} |"
         )
     if damaging:
         lines.append(f"\ncatch rate {sum(r['status'] == 'fail' for r in damaging)}/{len(damaging)}")

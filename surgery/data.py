@@ -1,9 +1,10 @@
-"""Text for evaluation and healing. Two offline domains every install has, each split
-deterministically into train and held-out parts so an eval never scores text a fine-tune trained
-on: `pydoc` (the default: the standard library's `pydoc_data.topics`, the Python language
-reference, ~113k SmolLM2 tokens of English prose) and `docs` (docstrings of the installed torch and
-transformers). Users point at a local .txt / .jsonl file or any `datasets` dataset
-(`hf:NAME[:CONFIG]`)."""
+"""Text for evaluation and healing. Offline domains every install has, each split deterministically
+into train and held-out parts so an eval never scores text a fine-tune trained on: `pydoc` (the
+default: the standard library's `pydoc_data.topics`, the Python language reference, ~113k SmolLM2
+tokens of English prose), `docs` (docstrings of the installed torch and transformers) and
+`licenses` (the licence texts the installed packages ship: legal English, a third domain to judge
+a heal that trained on the other two). Users point at a local .txt / .jsonl file or any `datasets`
+dataset (`hf:NAME[:CONFIG]`), and mix sources with '+'."""
 
 from __future__ import annotations
 
@@ -35,7 +36,9 @@ def check_source(source: str) -> str:
         return source
     path = Path(source).expanduser()
     if not path.is_file():
-        raise ValueError(f"no such text source '{source}'; use pydoc, docs, a .txt or .jsonl file, or hf:NAME[:CONFIG]")
+        raise ValueError(
+            f"no such text source '{source}'; use pydoc, docs, licenses, a .txt or .jsonl file, or hf:NAME[:CONFIG]"
+        )
     if path.suffix not in (".txt", ".jsonl"):
         raise ValueError(f"text source '{source}' is not a .txt or .jsonl file")
     return source
@@ -59,7 +62,7 @@ def mix_parts(source: str) -> list[str]:
 
 TextSource = Annotated[str, BeforeValidator(join_mix), AfterValidator(check_source)]
 HELDOUT_EVERY = 5  # one topic (or docstring) in five is held out
-NAMED = ("pydoc", "docs")  # the offline sources every install has
+NAMED = ("pydoc", "docs", "licenses")  # the offline sources every install has
 
 
 def text_label(source: str) -> str:
@@ -150,6 +153,43 @@ def _docs() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return tuple(train), tuple(out[1])
 
 
+def licenses_split(split: Split) -> tuple[str, ...]:
+    """The distinct licence texts of one part, in a fixed order; held out by a hash of the text."""
+    return _licenses()[split == "heldout"]
+
+
+LICENSE_NAMES = ("LICENSE", "LICENCE", "COPYING", "NOTICE", "AUTHORS")
+
+
+@functools.lru_cache(maxsize=1)
+def _licenses() -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Licence files listed in the installed distributions' RECORDs, read as text (nothing runs).
+    The same licence shipped by several packages (its copyright lines and spacing aside) counts
+    once, and the split hashes that normalized text, so one licence never sits on both sides."""
+    import importlib.metadata
+    import re
+
+    texts: dict[str, str] = {}  # normalized -> the first text found
+    for dist in sorted(importlib.metadata.distributions(), key=lambda d: (d.metadata["Name"] or "").lower()):
+        for f in sorted(dist.files or [], key=str):
+            if not f.name.upper().startswith(LICENSE_NAMES) or f.suffix.lower() not in ("", ".txt", ".md", ".rst"):
+                continue
+            try:
+                text = Path(dist.locate_file(f)).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+            kept = [line for line in text.splitlines() if "copyright" not in line.lower()]
+            key = re.sub(r"\s+", " ", " ".join(kept)).strip().lower()
+            if len(text) >= DOCS_MIN_CHARS:
+                texts.setdefault(key, text)
+    out: tuple[list[str], list[str]] = ([], [])
+    for key, text in texts.items():
+        out[is_heldout(key)].append(text)
+    if not out[1]:
+        raise SurgeryError("no licence texts found in the installed packages; use --text pydoc or docs")
+    return tuple(out[0]), tuple(out[1])
+
+
 def load_text(source: str = "pydoc", split: Split = "heldout", field: str = "text") -> str:
     """The text of a source: `pydoc`, `docs`, a .txt or .jsonl path, `hf:NAME[:CONFIG]`, or a mix
     of them ('pydoc+docs'), its documents joined by blank lines."""
@@ -171,13 +211,15 @@ def documents(source: str, split: Split = "heldout", field: str = "text") -> lis
         return pydoc_topics_split(split)
     if source == "docs":
         return list(docs_split(split))
+    if source == "licenses":
+        return list(licenses_split(split))
     if source.startswith("hf:"):
         return dataset_rows(source[3:], split, field)
     path = Path(source).expanduser()
     if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
         raise SurgeryError(
             f"{'no such text source' if not path.is_file() else 'not a .txt or .jsonl file'}: '{source}'; "
-            "use pydoc, docs, a .txt or .jsonl file, or hf:NAME[:CONFIG]"
+            "use pydoc, docs, licenses, a .txt or .jsonl file, or hf:NAME[:CONFIG]"
         )
     try:
         text = path.read_text(encoding="utf-8")

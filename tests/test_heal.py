@@ -89,10 +89,16 @@ def test_text_mix_holds_every_document_spread_evenly_and_keeps_the_split():
     assert load_text("pydoc", "train") == "\n\n".join(pydoc)
 
 
-def test_docs_source_is_deterministic_offline_and_disjoint(no_network):
-    train, held = documents("docs", "train"), documents("docs", "heldout")
-    assert train == documents("docs", "train") and len(held) > 50 and len(train) > 4 * len(held)
+@pytest.mark.parametrize("source, least", [("docs", 50), ("licenses", 5)])
+def test_offline_sources_are_deterministic_and_disjoint(no_network, source, least):
+    """The second and third offline domains: the same documents every time, no network, and no
+    text (for licences: no licence, copyright lines aside) on both sides of the split."""
+    train, held = documents(source, "train"), documents(source, "heldout")
+    assert train == documents(source, "train") and len(held) >= least and len(train) > 2 * len(held)
     assert not set(train) & set(held)
+    if source == "licenses":
+        strip = lambda t: " ".join(x for x in t.lower().split() if "copyright" not in x)  # noqa: E731
+        assert not {strip(t) for t in train} & {strip(t) for t in held}
 
 
 def test_text_mix_from_yaml_lists_and_bad_mixes():
