@@ -108,3 +108,13 @@ def test_paired_difference_is_tighter_than_combined():
     assert c.low < 0 < c.high  # ... and invisible without them
     assert d.value == pytest.approx(after.value - before.value)
     assert paired(before, mean_interval(text[:30]).exp()) is None  # other units: not paired
+
+
+def test_bounded_intervals_stay_in_range():
+    """Three recall scores: t's interval would reach below 0 (and their difference below -1)."""
+    from surgery.evaluate.stats import mean_interval, paired
+
+    before, after = mean_interval([0.0, 0.5, 0.0], bounded=True), mean_interval([1.0, 1.0, 0.0], bounded=True)
+    assert 0.0 <= before.low <= before.value <= before.high <= 1.0 and before.low == 0.0
+    d = paired(after, before)
+    assert -1.0 <= d.low <= d.value <= d.high <= 1.0 and d.low == -1.0

@@ -70,9 +70,12 @@ def samples_for_halfwidth(halfwidth: float, p: float = 0.5, confidence: float = 
     return math.ceil(z * z * p * (1 - p) / halfwidth**2)
 
 
-def mean_interval(values, confidence: float = CONFIDENCE, bounded: bool = False) -> Estimate:
+def mean_interval(
+    values, confidence: float = CONFIDENCE, bounded: bool = False, span: tuple[float, float] = (0.0, 1.0)
+) -> Estimate:
     """Mean of independent samples `values` (1-D) with Student's t interval. For `bounded` samples
-    (scores in [0, 1] and their paired differences) the half-width is at least the rule of three's
+    (scores in `span`, [0, 1], or their paired differences in [-1, 1]; the interval is clipped to
+    it) the half-width is at least the rule of three's
     -ln(1 - confidence) / n (3/n at 95%): when all n agree, up to that share of the units could
     differ unseen, and a disagreement or two must not buy a narrower interval than none (t is
     anti-conservative for rare events). One sample gives no interval at all (±1 for bounded ones,
@@ -86,9 +89,10 @@ def mean_interval(values, confidence: float = CONFIDENCE, bounded: bool = False)
         half = 1.0 if bounded else abs(mean) + 1
         return Estimate(mean, mean - half, mean + half, int(x.size), units)
     half = 0.0 if np.ptp(x) == 0 else float(t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
-    if bounded:
-        half = min(1.0, max(half, -math.log(1 - confidence) / x.size))
-    return Estimate(mean, mean - half, mean + half, int(x.size), units)
+    if not bounded:
+        return Estimate(mean, mean - half, mean + half, int(x.size), units)
+    half = max(half, -math.log(1 - confidence) / x.size)
+    return Estimate(mean, max(span[0], mean - half), min(span[1], mean + half), int(x.size), units)
 
 
 def block_means(values, block: int = BLOCK):
@@ -144,7 +148,7 @@ def paired(before: Estimate, after: Estimate, confidence: float = CONFIDENCE) ->
     if not before.units or len(before.units) != len(after.units) or before.log != after.log:
         return None
     bounded = all(0 <= u <= 1 for u in before.units + after.units) and not after.log
-    d = mean_interval(np.subtract(after.units, before.units), confidence, bounded)
+    d = mean_interval(np.subtract(after.units, before.units), confidence, bounded, span=(-1.0, 1.0))
     if not after.log:
         return Estimate(after.value - before.value, d.low, d.high, d.n)
     scale = before.value
