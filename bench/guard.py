@@ -98,6 +98,7 @@ def run_check(path: Path, report: Path, length: int, budget: float) -> tuple[int
     seconds = time.perf_counter() - start
     if proc.returncode == 2:
         raise SystemExit(f"check of {path} failed to run:\n{proc.stderr}")
+    (report / "check.log").write_text(proc.stdout + proc.stderr)  # the battery, the budget's scale, progress
     payload = json.loads((report / "check.json").read_text())
     payload["patched_results"] = json.loads((report / "patched.json").read_text())["results"]
     payload["original_results"] = json.loads((report / "original.json").read_text())["results"]
