@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from surgery.arch import text_config
+from surgery.data import NAMED
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, EvalResult, make_eval
 from surgery.evaluate.gates import Gate, GateOutcome, evaluate_gates, parse_gate, verdict
@@ -92,9 +93,12 @@ def plan(
     length: int | None = None,
     scale: float = 1.0,
     reference: str = "",
+    trained: set[str] | frozenset[str] = frozenset(),
 ) -> Battery:
     """The battery for a patched model with these patch records, against an original with this
-    config. `scale` (0-1] shrinks sample counts to a time budget."""
+    config. `scale` (0-1] shrinks sample counts to a time budget. `trained`: the text sources the
+    model's recipe trained or calibrated on; when it covers both default domains, the next offline
+    domain joins them, so at least one domain is always one the model never saw."""
     native = context_of(original_config)
     new = max([native, *[_new_context(r) for r in records]])
     asked = length or 4096
@@ -105,7 +109,19 @@ def plan(
     trials = max(1, round(TASK_TRIALS * scale))
     items: list[Item] = []
     gates: list[str] = []
-    for domain in DOMAINS:
+    notes = []
+    domains = list(DOMAINS)
+    if set(domains) <= set(trained):
+        unseen = [d for d in NAMED if d not in trained]
+        if unseen:
+            domains.append(unseen[0])
+            notes.append(f"{unseen[0]} joins the domains: the recipe trained or calibrated on {' and '.join(DOMAINS)}")
+        else:
+            notes.append(
+                f"the recipe trained or calibrated on every offline domain ({', '.join(NAMED)}): "
+                "add an eval on a text it never saw"
+            )
+    for domain in domains:
         e = make_eval("divergence", reference=reference or None, length=checked, samples=windows, text=domain)
         items.append(Item(e, f"divergence from the original on {domain}", original=False))
         gates += [
@@ -133,7 +149,6 @@ def plan(
         e = make_eval("ruler", lengths=[checked], depths=depths, trials=trials, batch=5)
         items.append(Item(e, "; ".join(dict.fromkeys(reasons))))
         gates.append(f"ruler.avg@{checked}:max_decrease={MAX_TASK_DROP:g},confidence=0.95")
-    notes = []
     if ROPE & set(names) and new > native:
         if longest > native:  # past the original context: the patched model alone, gated against the original within it
             e = make_eval("ruler", lengths=[longest], depths=depths, trials=trials, batch=5)
@@ -146,6 +161,26 @@ def plan(
                 f"where time allows (perplexity past {native} and tasks at {new})"
             )
     return Battery(items=items, gates=gates, length=checked, notes=notes)
+
+
+def recipe_trained(model: str) -> tuple[set[str], str | None]:
+    """The text sources the recipe saved beside a local model (`recipe.yaml`) trained or calibrated
+    on, and a note when that recipe cannot be read (nothing is assumed then). Read as YAML data
+    and validated like any recipe; nothing in it runs."""
+    from surgery.models import resolve
+    from surgery.recipes.loading import parse_yaml
+    from surgery.recipes.schema import validate_data
+    from surgery.recipes.steps import trained_sources
+
+    where = resolve(model).paths()[0]
+    path = where / "recipe.yaml" if where.is_dir() else None
+    if path is None or not path.is_file():
+        return set(), None
+    try:
+        recipe = validate_data(parse_yaml(path.read_text(encoding="utf-8"), str(path)), str(path))
+    except (SurgeryError, ValueError, OSError) as err:
+        return set(), f"could not read {path} to see what the model trained on ({str(err).splitlines()[0]})"
+    return set(trained_sources(recipe.compiled)), None
 
 
 def preflight(battery: Battery, gates: list[Gate]) -> None:
@@ -305,6 +340,7 @@ def run_check(
     length: int | None = None,
     budget: float | None = None,
     extra_gates: list[str] | None = None,
+    trained: set[str] | frozenset[str] = frozenset(),
     dtype: str = "float32",
     say: Callable[[str], None] = print,
 ) -> CheckOutcome:
@@ -315,7 +351,7 @@ def run_check(
 
     start = time.perf_counter()
     extra = [parse_gate(g) for g in extra_gates or []]  # bad gates fail before anything loads
-    battery = plan(load_config(original), records, length, 1.0, reference=original)
+    battery = plan(load_config(original), records, length, 1.0, reference=original, trained=trained)
     preflight(battery, extra)  # before minutes of loading and measuring
     say(f"loading the original {original}")
     model, tokenizer = load_model(original, dtype=dtype)
@@ -325,7 +361,7 @@ def run_check(
     if budget:
         per_forward = calibrate(model, tokenizer, battery.length)
         scale = min(1.0, budget * 60 / max(1e-9, per_forward * cost(battery)))
-        battery = plan(model.config, records, length, scale, reference=original)
+        battery = plan(model.config, records, length, scale, reference=original, trained=trained)
         say(
             f"budget {budget:g} min: one {battery.length}-token forward takes {per_forward:.1f} s; samples x{scale:.2f}"
         )

@@ -84,6 +84,34 @@ def test_battery_follows_the_patch_records(records, evals):
         assert ("ruler", False) in past and ("perplexity", False) in past  # ... tasks and bands past it
 
 
+def test_a_domain_the_model_never_saw_is_always_checked():
+    cfg = tiny_config("llama", max_position_embeddings=8192)
+    texts = lambda b: [it.eval.text for it in b.items if it.eval.name == "divergence"]  # noqa: E731
+    assert texts(plan(cfg, [], trained={"pydoc"})) == ["pydoc", "docs"]  # docs is unseen
+    both = plan(cfg, [], trained={"pydoc", "docs"})
+    assert texts(both) == ["pydoc", "docs", "licenses"] and "licenses joins" in both.notes[0]
+    assert "divergence.licenses.kl@4096:max=0.1,confidence=0.95" in both.gates
+    every = plan(cfg, [], trained={"pydoc", "docs", "licenses"})
+    assert "add an eval on a text it never saw" in every.notes[0]
+
+
+def test_check_reads_what_the_saved_recipe_trained_on(original, tmp_path):
+    """A model saved by a recipe that fine-tuned on pydoc and docs is checked on licenses too; a
+    recipe.yaml that does not validate (or carries a Python tag) is reported, never run."""
+    from surgery.check import recipe_trained
+
+    patched = tmp_path / "patched"
+    surgery.save(*surgery.load_model(str(original)), patched)
+    steps = [{"finetune": {"method": "full", "max_steps": 1, "text": ["pydoc", "docs"]}}, {"save": "x"}]
+    (patched / "recipe.yaml").write_text(yaml.safe_dump({"model": str(original), "steps": steps}))
+    assert recipe_trained(str(patched)) == ({"pydoc", "docs"}, None)
+    result = check(str(original), str(patched), *LENGTH, "--budget", "0.1", "-o", str(tmp_path / "report"))
+    assert "licenses" in result.output and "divergence.licenses.kl@256" in result.output, result.output
+    (patched / "recipe.yaml").write_text("model: !!python/object/apply:os.system ['touch pwned']\nsteps: []\n")
+    trained, note = recipe_trained(str(patched))
+    assert trained == set() and "could not read" in note and not Path("pwned").exists()
+
+
 def test_budget_scales_samples():
     cfg = tiny_config("llama", max_position_embeddings=8192)
     full, small = plan(cfg, [record("gqa", num_kv_heads=1)]), plan(cfg, [record("gqa", num_kv_heads=1)], scale=0.1)
@@ -185,6 +213,10 @@ def test_validate_finds_a_bad_check_step_before_loading(original, tmp_path):
     assert code == 2 and "steps.1.check" in output and "gone" in output, output
     code, output = validate({"length": 256, "gate": ["ruler.avg@256:min=0.5"]})
     assert code == 2 and "steps.1.check: gate 'ruler.avg@256:min=0.5': this check runs no ruler eval" in output
+    steps = [{"finetune": {"method": "full", "max_steps": 1, "text": "pydoc+docs"}}, {"check": {"length": 256}}]
+    path.write_text(yaml.safe_dump({"model": str(original), "steps": steps}))
+    result = CliRunner().invoke(main, ["validate", str(path), "--model", str(original)])
+    assert "dry run steps.1 check: divergence, divergence, divergence" in result.output, result.output
 
 
 def test_validate_warns_when_a_gate_reads_the_training_text(original, tmp_path):

@@ -84,9 +84,9 @@ class Step(BaseModel):
         """Directories this step will write, with whether it may replace them (checked up front)."""
         return []
 
-    def dry_run(self, skeleton: torch.nn.Module, source: str) -> str | None:
+    def dry_run(self, skeleton: torch.nn.Module, source: str, before: list[Step]) -> str | None:
         """Simulate the step on a meta-device model (`skeleton`, built from the model `source` and
-        carrying the steps before this one); a line to show, or None for steps without effect."""
+        carrying the steps `before` this one); a line to show, or None for steps without effect."""
         return None
 
     def run(self, ctx: RunContext) -> bool:
@@ -101,9 +101,9 @@ def dry_run(recipe: Any, model: str | None = None) -> list[str]:
 
     skeleton_model = skeleton(load_config(model or recipe.model))
     lines = []
-    for step in recipe.compiled:
+    for i, step in enumerate(recipe.compiled):
         try:
-            line = step.dry_run(skeleton_model, model or recipe.model)
+            line = step.dry_run(skeleton_model, model or recipe.model, recipe.compiled[:i])
         except SurgeryError as err:
             raise RecipeError(model or recipe.model, [str(err)]) from None
         if line:

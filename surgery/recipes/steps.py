@@ -36,7 +36,7 @@ class PatchStep(Step):
     def label(self) -> str:
         return f"patch {self.payload.slug()}"
 
-    def dry_run(self, skeleton: torch.nn.Module, source: str) -> str | None:
+    def dry_run(self, skeleton: torch.nn.Module, source: str, before: list[Step]) -> str | None:
         try:
             record = self.payload.dry_run().apply(skeleton)
         except SurgeryError as err:
@@ -120,7 +120,7 @@ class CheckStep(Step):
     def label(self) -> str:
         return "check against " + (self.payload.original or "the recipe's model")
 
-    def dry_run(self, skeleton: torch.nn.Module, source: str) -> str | None:
+    def dry_run(self, skeleton: torch.nn.Module, source: str, before: list[Step]) -> str | None:
         """The battery the check will run on the model as the patches before it leave it: a missing
         original, or a gate the battery cannot answer, is found before any weights load."""
         from surgery.check import patch_records, plan, preflight
@@ -130,7 +130,7 @@ class CheckStep(Step):
         try:
             original = load_config(p.original or source)
             records = patch_records(skeleton.config)
-            battery = plan(original, records, p.length)
+            battery = plan(original, records, p.length, trained=set(trained_sources(before)))
             preflight(battery, [parse_gate(g) for g in p.gate])
         except SurgeryError as err:
             raise SurgeryError(f"steps.{self.index}.check: {err}") from None
@@ -147,6 +147,7 @@ class CheckStep(Step):
             length=p.length,
             budget=p.budget,
             extra_gates=p.gate,
+            trained=set(trained_sources(ctx.recipe.compiled[: self.index])),
             dtype=ctx.recipe.dtype,
             say=lambda line: ctx.say(f"    {line}"),
         )
@@ -348,15 +349,12 @@ STEPS: dict[str, type[Step]] = {
 }
 
 
-def domain_warnings(compiled: list[Step]) -> list[str]:
-    """Gates that judge the model on the text a fine-tune or a data-aware patch of the recipe
-    trained or calibrated on (another part of it, but the same domain; for mixes, any source they
-    share): their pass says little about text the model did not see."""
-    from surgery.data import NAMED, components
+def trained_sources(compiled: list[Step]) -> dict[str, str]:
+    """The single text sources (labels) that the recipe's fine-tunes and data-aware patches trained
+    or calibrated on, each with the first step that did."""
+    from surgery.data import components
 
-    trained: dict[str, str] = {}  # single text source (label) -> the step that used it
-    measured: dict[str, str | None] = {}  # eval family -> the text of its latest eval step
-    out = []
+    trained: dict[str, str] = {}
     for step in compiled:
         if isinstance(step, FinetuneStep):
             for part in components(step.payload.text):
@@ -365,9 +363,22 @@ def domain_warnings(compiled: list[Step]) -> list[str]:
             for text in step.payload.calibration_sources():
                 for part in components(text):
                     trained.setdefault(part, f"steps.{step.index}.patch ({step.payload.name})")
-        elif isinstance(step, EvalStep):
+    return trained
+
+
+def domain_warnings(compiled: list[Step]) -> list[str]:
+    """Gates that judge the model on the text a fine-tune or a data-aware patch of the recipe
+    trained or calibrated on before them (another part of it, but the same domain; for mixes, any
+    source they share): their pass says little about text the model did not see."""
+    from surgery.data import NAMED, components
+
+    measured: dict[str, str | None] = {}  # eval family -> the text of its latest eval step
+    out = []
+    for step in compiled:
+        if isinstance(step, EvalStep):
             measured[step.payload.name] = getattr(step.payload, "text", None)
         elif isinstance(step, GateStep):
+            trained = trained_sources(compiled[: step.index])
             for gate in step.payload:
                 text = measured.get(gate.metric.split(".", 1)[0])
                 seen = sorted(components(text) & set(trained)) if text else []
@@ -377,7 +388,7 @@ def domain_warnings(compiled: list[Step]) -> list[str]:
                     out.append(
                         f"steps.{step.index}.gate '{gate.metric}' is measured on {text}, the text {trained[seen[0]]} "
                         f"trained or calibrated on (its held-out part, but the same domain): add a gate on {other} "
-                        "or a check step, which always measures two domains"
+                        "or a check step, which always measures a domain the recipe did not train on"
                     )
     return out
 
