@@ -112,6 +112,7 @@ def test_text_mix_from_yaml_lists_and_bad_mixes():
 # ---------------------------------------------------------------- the gate that catches forgetting
 
 
+@pytest.mark.slow
 def test_out_of_domain_gate_catches_a_heal_that_forgets_and_kl_passes(tmp_path, monkeypatch):
     """An original trained briefly on pydoc and docs; a hard heal (100 steps at 1e-2) on pydoc
     alone. On cross-entropy the model forgets docs (measured: perplexity 24.5 -> 31.6, +29%);

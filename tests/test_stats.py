@@ -118,3 +118,13 @@ def test_bounded_intervals_stay_in_range():
     assert 0.0 <= before.low <= before.value <= before.high <= 1.0 and before.low == 0.0
     d = paired(after, before)
     assert -1.0 <= d.low <= d.value <= d.high <= 1.0 and d.low == -1.0
+
+
+def test_small_continuous_units_get_no_rule_of_three_floor():
+    """KL block means below 1 are not scores: a clear +0.001 on every block is certain."""
+    from surgery.evaluate.stats import block_mean, paired
+
+    before = block_mean(np.full((1, 16 * 128), 0.011) + np.linspace(0, 1e-3, 16 * 128)[None])
+    after = block_mean(before_values := np.full((1, 16 * 128), 0.012) + np.linspace(0, 1e-3, 16 * 128)[None])
+    d = paired(before, after)
+    assert d.low > 0.0009 and d.high < 0.0011, (d, before_values.shape)

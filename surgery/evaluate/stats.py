@@ -36,6 +36,7 @@ class Estimate(NamedTuple):
     # the same windows or prompts are compared unit by unit (`paired`)
     units: tuple[float, ...] = ()
     log: bool = False
+    bounded: bool = False  # units are scores in [0, 1] (tasks, accuracies), not any small numbers
 
     def map(self, fn) -> Estimate:
         """The estimate of a monotone increasing function of this quantity."""
@@ -92,7 +93,7 @@ def mean_interval(
     if not bounded:
         return Estimate(mean, mean - half, mean + half, int(x.size), units)
     half = max(half, -math.log(1 - confidence) / x.size)
-    return Estimate(mean, max(span[0], mean - half), min(span[1], mean + half), int(x.size), units)
+    return Estimate(mean, max(span[0], mean - half), min(span[1], mean + half), int(x.size), units, bounded=True)
 
 
 def block_means(values, block: int = BLOCK):
@@ -147,7 +148,8 @@ def paired(before: Estimate, after: Estimate, confidence: float = CONFIDENCE) ->
     units are log-scale, so the change is before x (exp(mean difference) - 1)."""
     if not before.units or len(before.units) != len(after.units) or before.log != after.log:
         return None
-    bounded = all(0 <= u <= 1 for u in before.units + after.units) and not after.log
+    binary = all(u in (0.0, 1.0) for u in before.units + after.units)
+    bounded = (binary or (before.bounded and after.bounded)) and not after.log
     d = mean_interval(np.subtract(after.units, before.units), confidence, bounded, span=(-1.0, 1.0))
     if not after.log:
         return Estimate(after.value - before.value, d.low, d.high, d.n)
