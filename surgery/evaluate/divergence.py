@@ -111,8 +111,10 @@ def compare_exact(logp: torch.Tensor, logq: torch.Tensor, targets: torch.Tensor)
     }
 
 
-def lumped_kl(ids: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(KL_k, its head term) per position: KL(p ‖ q) with the tail outside the reference's top-k
+def lumped_kl(
+    ids: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(KL_k, its head term, the reference's tail mass r) per position: KL(p ‖ q) with the tail outside the reference's top-k
     `ids` (log-probs `logp`) lumped into one outcome, r = 1 - Σ_K p against s = 1 - Σ_K q (the
     two tails computed alike, so a model against itself gives exactly 0). Differentiable in `logq`:
     the distillation loss of a heal."""
@@ -122,15 +124,14 @@ def lumped_kl(ids: torch.Tensor, logp: torch.Tensor, logq: torch.Tensor) -> tupl
     r = (1 - p.sum(-1)).clamp_min(0)
     s = (1 - q_at.exp().sum(-1)).clamp_min(1e-30)
     lumped = torch.where(r > 0, r * (r.clamp_min(1e-30).log() - s.log()), torch.zeros_like(r))
-    return head + lumped, head
+    return head + lumped, head, r
 
 
 def compare_topk(ref: dict[str, torch.Tensor], logq: torch.Tensor, targets: torch.Tensor) -> dict[str, torch.Tensor]:
     """The same from a compact reference: KL_k (a lower bound) and KL_hi (an upper bound)."""
     ids, logp = ref["topk_ids"].long(), ref["topk_logp"].float()
-    lumped, head = lumped_kl(ids, logp, logq)
+    lumped, head, r = lumped_kl(ids, logp, logq)
     kl = lumped.clamp_min(0)
-    r = (1 - logp.exp().sum(-1)).clamp_min(0)
     hi = head + tail_bound(logq, ids, logp[..., -1].exp(), r)
     return {
         "kl": kl,
@@ -308,11 +309,6 @@ class Divergence(Eval):
         return text_windows(tokenizer, self.text, self.split, self.length, self.samples, self.bos, self.name)
 
     # ------------------------------------------------------------------ reference statistics
-
-    def cache_path(self, windows: torch.Tensor, dtype: Any = None) -> Path:
-        """Where the reference statistics for these token windows live: keyed by the reference's
-        files, the exact token ids, and the settings that shape the statistics."""
-        return stats_path(self.need_reference(), windows, self.top_k, dtype)
 
     def need_reference(self) -> str:
         if not self.reference:

@@ -132,7 +132,7 @@ def distill_loss(logits: torch.Tensor, teacher: dict[str, torch.Tensor]) -> torc
     from surgery.evaluate.divergence import lumped_kl
 
     logq = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    kl, _ = lumped_kl(teacher["topk_ids"].long(), teacher["topk_logp"].float(), logq)
+    kl, _, _ = lumped_kl(teacher["topk_ids"].long(), teacher["topk_logp"].float(), logq)
     return kl.mean()
 
 
