@@ -163,26 +163,6 @@ def plan(
     return Battery(items=items, gates=gates, length=checked, notes=notes)
 
 
-def recipe_trained(model: str) -> tuple[set[str], str | None]:
-    """The text sources the recipe saved beside a local model (`recipe.yaml`) trained or calibrated
-    on, and a note when that recipe cannot be read (nothing is assumed then). Read as YAML data
-    and validated like any recipe; nothing in it runs."""
-    from surgery.models import resolve
-    from surgery.recipes.loading import parse_yaml
-    from surgery.recipes.schema import validate_data
-    from surgery.recipes.steps import trained_sources
-
-    where = resolve(model).paths()[0]
-    path = where / "recipe.yaml" if where.is_dir() else None
-    if path is None or not path.is_file():
-        return set(), None
-    try:
-        recipe = validate_data(parse_yaml(path.read_text(encoding="utf-8"), str(path)), str(path))
-    except Exception as err:  # noqa: BLE001 - whatever is wrong with it, the check goes on without it
-        return set(), f"could not read {path} to see what the model trained on ({str(err).splitlines()[0]})"
-    return set(trained_sources(recipe.compiled)), None
-
-
 def preflight(battery: Battery, gates: list[Gate]) -> None:
     """Refuse, before anything loads, a user gate this battery cannot answer: a metric of an eval
     the check does not run, or at a length it does not measure (it would fail after the minutes
@@ -341,6 +321,7 @@ def run_check(
     budget: float | None = None,
     extra_gates: list[str] | None = None,
     trained: set[str] | frozenset[str] = frozenset(),
+    notes: list[str] | None = None,
     dtype: str = "float32",
     say: Callable[[str], None] = print,
 ) -> CheckOutcome:
@@ -365,6 +346,7 @@ def run_check(
         say(
             f"budget {budget:g} min: one {battery.length}-token forward takes {per_forward:.1f} s; samples x{scale:.2f}"
         )
+    battery.notes.extend(notes or [])
     say(f"check of {len(records)} patch record(s): {', '.join(r.get('name', '?') for r in records) or 'none'}")
     for line in battery.describe() + [f"  note: {n}" for n in battery.notes]:
         say(line)

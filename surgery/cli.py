@@ -214,10 +214,11 @@ def check_cmd(
     """Check PATCHED against ORIGINAL with the battery its patch records call for: divergence on
     two text domains, long-context tasks where a patch touches them, gates at 95% confidence.
     Exit 0 pass, 1 a regression, 3 inconclusive (more samples needed), 2 bad input."""
-    from surgery.check import patch_records, recipe_trained, run_check, write_check
+    from surgery.check import patch_records, run_check, write_check
     from surgery.evaluate.gates import EXIT_CODES, parse_gate
     from surgery.io import atomic_dir, reserve
     from surgery.models import parse_dtype, resolve
+    from surgery.recipes.schema import recipe_trained
 
     for g in gates:
         parse_gate(g)
@@ -227,8 +228,6 @@ def check_cmd(
     sources = resolve(original).paths() + resolve(patched).paths()
     records = patch_records(surgery.load_config(patched))
     trained, unread = recipe_trained(patched)
-    if unread:
-        click.echo(f"note: {unread}", err=True)
     target = output_path(out, Path.cwd() / f"{resolve(patched).name}-check")
     with reserve(target, force, sources):
         outcome = run_check(
@@ -239,6 +238,7 @@ def check_cmd(
             budget=budget,
             extra_gates=list(gates),
             trained=trained,
+            notes=[unread] if unread else [],
             dtype=dtype,
             say=click.echo,
         )

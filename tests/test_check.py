@@ -98,7 +98,7 @@ def test_a_domain_the_model_never_saw_is_always_checked():
 def test_check_reads_what_the_saved_recipe_trained_on(original, tmp_path):
     """A model saved by a recipe that fine-tuned on pydoc and docs is checked on licenses too; a
     recipe.yaml that does not validate (or carries a Python tag) is reported, never run."""
-    from surgery.check import recipe_trained
+    from surgery.recipes.schema import recipe_trained
 
     patched = tmp_path / "patched"
     surgery.save(*surgery.load_model(str(original)), patched)
@@ -110,6 +110,8 @@ def test_check_reads_what_the_saved_recipe_trained_on(original, tmp_path):
     (patched / "recipe.yaml").write_text("model: !!python/object/apply:os.system ['touch pwned']\nsteps: []\n")
     trained, note = recipe_trained(str(patched))
     assert trained == set() and "could not read" in note and not Path("pwned").exists()
+    check(str(original), str(patched), *LENGTH, "--budget", "0.1", "-o", str(tmp_path / "unread"))
+    assert "could not read" in (tmp_path / "unread" / "report.md").read_text()  # the report says so, not only stderr
 
 
 def test_budget_scales_samples():

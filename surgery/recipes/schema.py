@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from surgery.errors import RecipeError, SurgeryError
 from surgery.recipes.loading import apply_overrides, parse_yaml
 from surgery.recipes.step import build
-from surgery.recipes.steps import AnyStep, compile_steps
+from surgery.recipes.steps import AnyStep, compile_steps, trained_sources
 
 
 class Header(BaseModel):
@@ -87,3 +87,20 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             raise RecipeError(str(path), ["--set needs a recipe whose top level is a mapping"])
         data = apply_overrides(data, overrides, str(path))
     return validate_data(data, str(path))
+
+
+def recipe_trained(model: str) -> tuple[set[str], str | None]:
+    """The text sources the recipe saved beside a local model (`recipe.yaml`) trained or calibrated
+    on, and a note when that recipe cannot be read (nothing is assumed then). Read as YAML data
+    and validated like any recipe; nothing in it runs."""
+    from surgery.models import resolve
+
+    where = resolve(model).paths()[0]
+    path = where / "recipe.yaml" if where.is_dir() else None
+    if path is None or not path.is_file():
+        return set(), None
+    try:
+        recipe = validate_data(parse_yaml(path.read_text(encoding="utf-8"), str(path)), str(path))
+    except Exception as err:  # noqa: BLE001 - whatever is wrong with it, the check goes on without it
+        return set(), f"could not read {path} to see what the model trained on ({str(err).splitlines()[0]})"
+    return set(trained_sources(recipe.compiled)), None
