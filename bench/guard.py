@@ -129,7 +129,7 @@ def caught_by(payload: dict, status: str) -> str:
 
 def with_ci(result, name: str) -> str:
     low, high = result.intervals[name]
-    return f"{result.metrics[name]:.4f} [{low:.4f}, {high:.4f}]"
+    return f"{result.metrics[name]:.3g} [{low:.3g}, {high:.3g}]"
 
 
 def kl_table(root: Path, healed: Path, length: int) -> list[str]:

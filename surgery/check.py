@@ -19,6 +19,7 @@ scales the sample counts to the measured speed of one forward; too few samples g
 
 from __future__ import annotations
 
+import fnmatch
 import gc
 import hashlib
 import json
@@ -165,9 +166,10 @@ def plan(
 
 def preflight(battery: Battery, gates: list[Gate]) -> None:
     """Refuse, before anything loads, a user gate this battery cannot answer: a metric of an eval
-    the check does not run, or at a length it does not measure (it would fail after the minutes
-    the battery takes)."""
+    the check does not run, a divergence domain it does not measure, or a length it does not
+    measure at (it would fail after the minutes the battery takes)."""
     evals = sorted({it.eval.name for it in battery.items})
+    domains = {it.eval.domain for it in battery.items if it.eval.name == "divergence"}
     lengths = {battery.length}
     for it in battery.items:
         p = it.eval.model_dump()
@@ -179,6 +181,13 @@ def preflight(battery: Battery, gates: list[Gate]) -> None:
                 f"gate {g.text!r}: this check runs no {head} eval (it runs {', '.join(evals)}); "
                 "gate one of their metrics, e.g. divergence.pydoc.kl@LENGTH"
             )
+        if head == "divergence":
+            domain = (g.metric.split(".") + [""])[1].partition("@")[0]
+            if not any(fnmatch.fnmatchcase(d, domain) for d in domains):
+                raise SurgeryError(
+                    f"gate {g.text!r}: this check measures divergence on {', '.join(sorted(domains))}, not "
+                    f"{domain or '(no domain)'}; gate e.g. divergence.{sorted(domains)[0]}.kl@{battery.length}"
+                )
         at = g.metric.rpartition("@")[2] if "@" in g.metric else ""
         if at.isascii() and at.isdigit() and int(at) not in lengths:
             shown = ", ".join(map(str, sorted(lengths)))

@@ -170,6 +170,8 @@ def _kl(report: Path) -> float:
         (["--dtype", "float13"], "float13"),
         (["--gate", "needle.acc@256:min=0.5"], "this check runs no needle eval"),
         (["--gate", "divergence.pydoc.kl@999:max=0.1"], "measures at 256 tokens, not 999"),
+        (["--gate", "divergence.wiki.kl@256:max=0.1"], "measures divergence on docs, pydoc, not wiki"),
+        (["--gate", "divergence.kl@256:max=0.1"], "not kl"),
     ],
 )
 def test_bad_arguments_are_one_line(original, args, message):

@@ -7,8 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 
 import surgery
+from surgery import data
+from surgery.cli import main
 from surgery.data import components, documents, load_text, text_label, token_blocks
 from surgery.evaluate.divergence import reference_topk
 from surgery.recipes import load_recipe, run_recipe
@@ -65,12 +68,34 @@ def test_kl_settings_are_checked(teacher):
         Finetune(kl_weight=0.5)
     with pytest.raises(ValueError, match="teacher applies to loss kl"):
         Finetune(teacher=str(teacher))
+    with pytest.raises(ValueError, match="kl_weight 0 is plain cross-entropy"):
+        Finetune(loss="kl", kl_weight=0)
     with pytest.raises(surgery.SurgeryError, match="needs a teacher"):
         run_finetune(tiny_model("llama"), char_tokenizer(), Finetune(loss="kl", max_steps=1, seq_len=SEQ))
     other = tmp = teacher.parent / "other-vocab"
     surgery.save(tiny_model("llama", vocab_size=160), char_tokenizer(), tmp)
     with pytest.raises(surgery.SurgeryError, match="160 output tokens, the model 128"):
         run_finetune(tiny_model("llama"), char_tokenizer(), Finetune(loss="kl", teacher=str(other), max_steps=1))
+    # a recipe naming that teacher, or one that does not exist, is refused before any weight loads
+    for named, message in [(other, "has a vocabulary of 160, the model 128"), (teacher.parent / "nope", "nope")]:
+        step = {"finetune": {"method": "full", "max_steps": 1, "loss": "kl", "teacher": str(named)}}
+        recipe = teacher.parent / "recipe.yaml"
+        recipe.write_text(yaml.safe_dump({"model": str(teacher), "steps": [step]}))
+        result = CliRunner().invoke(main, ["validate", str(recipe), "--model", str(teacher)])
+        assert result.exit_code == 2 and "steps.0.finetune.teacher" in result.output, result.output
+        assert message in result.output and "Traceback" not in result.output
+
+
+def test_kl_mix_weighs_the_two_losses(teacher):
+    """With a student that differs from the teacher: w x KL + (1 - w) x the stock cross-entropy."""
+    ids = blocks()
+    stats = reference_topk(str(teacher), ids, 16, torch.float32, 128)
+    student = tiny_model("llama", seed=5)
+    kl = batch_loss(student, ids, stats, Finetune(loss="kl")).item()
+    ce = student(input_ids=ids, labels=ids).loss.item()
+    assert kl > 1e-3 and ce > 1  # both terms count (0.25 x kl is far above the tolerance)
+    mixed = batch_loss(student, ids, stats, Finetune(loss="kl", kl_weight=0.25)).item()
+    assert mixed == pytest.approx(0.25 * kl + 0.75 * ce, rel=1e-5)
 
 
 # ---------------------------------------------------------------- text mixes
@@ -94,10 +119,14 @@ def test_offline_sources_are_deterministic_and_disjoint(no_network, source, leas
     """The second and third offline domains: the same documents every time, no network, and no
     text (for licences: no licence, copyright lines aside) on both sides of the split."""
     train, held = documents(source, "train"), documents(source, "heldout")
+    data._docs.cache_clear(), data._licenses.cache_clear()  # read again from the installed files
     assert train == documents(source, "train") and len(held) >= least and len(train) > 2 * len(held)
     assert not set(train) & set(held)
-    if source == "licenses":
-        strip = lambda t: " ".join(x for x in t.lower().split() if "copyright" not in x)  # noqa: E731
+    if source == "licenses":  # lines naming a copyright holder removed, spacing and case ignored
+
+        def strip(text: str) -> str:
+            return " ".join(" ".join(x for x in text.lower().splitlines() if "copyright" not in x).split())
+
         assert not {strip(t) for t in train} & {strip(t) for t in held}
 
 

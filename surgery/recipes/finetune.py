@@ -77,6 +77,8 @@ class Finetune(BaseModel):
         stray = sorted({"kl_weight", "teacher", "top_k"} & self.model_fields_set) if self.loss == "ce" else []
         if stray:
             raise ValueError(f"{', '.join(stray)} applies to loss kl; add loss: kl or remove it")
+        if self.loss == "kl" and self.kl_weight == 0:
+            raise ValueError("loss kl with kl_weight 0 is plain cross-entropy; use loss: ce")
         return self
 
 

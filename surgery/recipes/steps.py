@@ -190,6 +190,28 @@ class FinetuneStep(Step):
         )
         return f"finetune {p.method} {p.max_steps} steps on {p.text}{objective}"
 
+    def dry_run(self, skeleton: torch.nn.Module, source: str, before: list[Step]) -> str | None:
+        """A named teacher is found and shares the model's vocabulary before any weight loads (the
+        recipe's own model is the teacher otherwise, and matches by construction)."""
+        p = self.payload
+        if p.loss != "kl" or p.teacher is None:
+            return None
+        from surgery.arch import text_config
+        from surgery.models import load_config
+
+        where = f"steps.{self.index}.finetune.teacher"
+        try:
+            teacher = text_config(load_config(p.teacher))
+        except SurgeryError as err:
+            raise SurgeryError(f"{where}: {err}") from None
+        vocab = skeleton.get_output_embeddings().weight.shape[0]
+        if getattr(teacher, "vocab_size", None) != vocab:
+            raise SurgeryError(
+                f"{where}: {p.teacher} has a vocabulary of {getattr(teacher, 'vocab_size', '?')}, the model {vocab}; "
+                "distil a teacher with the same tokenizer"
+            )
+        return None
+
     def run(self, ctx: RunContext) -> bool:
         from surgery.recipes.finetune import run_finetune
 
