@@ -198,9 +198,11 @@ def load_text(source: str = "pydoc", split: Split = "heldout", field: str = "tex
 
 def documents(source: str, split: Split = "heldout", field: str = "text") -> list[str]:
     """The documents of a source in a fixed order: pydoc topics, docstrings, licences, .jsonl or
-    dataset rows, a .txt file whole (its paragraphs when it is part of a mix). A mix interleaves its sources' documents evenly (each source's
-    documents spread over the whole in their own order), so any prefix of it, such as a
-    calibration sample, holds every source in proportion to its size."""
+    dataset rows, a .txt file whole (its paragraphs when it is part of a mix). The named sources
+    and datasets have disjoint train and held-out parts; a file has no split (both parts are the
+    whole file: train and judge on separate files, as `validate` warns). A mix interleaves its
+    sources' documents evenly (each source's documents spread over the whole in their own order),
+    so any prefix of it, such as a calibration sample, holds every source in proportion to its size."""
     parts = mix_parts(source)
     if len(parts) > 1:
         docs = [documents(part, split, field) for part in parts]

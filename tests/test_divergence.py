@@ -145,8 +145,8 @@ def test_kl_curve_covers_the_window(tok, reference):
 
 
 def test_cached_statistics_are_checked_before_use(tok, reference, tmp_path):
-    """A cache file that parses but does not fit (NaN, wrong dtype, ids out of range, wrong shape,
-    a missing tensor) is recomputed, never used."""
+    """A cache file that parses but does not fit (NaN, wrong dtype, ids out of range or repeated,
+    probabilities over 1, wrong shape, a missing tensor) is recomputed, never used."""
     from safetensors.torch import load_file, save_file
 
     other = tiny_model("llama", seed=7, max_position_embeddings=512)
@@ -158,12 +158,34 @@ def test_cached_statistics_are_checked_before_use(tok, reference, tmp_path):
         {**good, "target_logp": good["target_logp"].long()},
         {**good, "topk_logp": torch.zeros_like(good["topk_logp"]) + 0.5},
         {**good, "topk_ids": good["topk_ids"] + 1000},
+        {**good, "topk_ids": good["topk_ids"][..., :1].expand_as(good["topk_ids"]).contiguous()},  # one token k times
+        {**good, "topk_logp": torch.full_like(good["topk_logp"], -0.5)},  # 16 x 0.61: more than probability 1
         {**good, "topk_logp": good["topk_logp"][:1].contiguous()},
         {k: v for k, v in good.items() if k != "target_logp"},
     ]
     for stats in spoiled:
         save_file(stats, str(path))
         assert run(other, tok, reference, top_k=16).metrics == first
+
+
+def test_a_token_the_reference_rules_out_keeps_the_kl_and_its_gradient_finite():
+    """A masked vocabulary entry (-inf logit) in the reference: probability 0 counts 0, not NaN."""
+    from surgery.evaluate.divergence import lumped_kl, topk_stats
+
+    logits = torch.randn(1, 4, 8)
+    logits[..., -2:] = float("-inf")  # padding the reference never predicts
+    stats = topk_stats(torch.log_softmax(logits, -1), torch.zeros(1, 4, dtype=torch.long), 8)
+    student = torch.randn(1, 4, 8, requires_grad=True)
+    kl = lumped_kl(stats["topk_ids"].long(), stats["topk_logp"], torch.log_softmax(student, -1))[0]
+    kl.sum().backward()
+    exact = torch.nn.functional.kl_div(
+        torch.log_softmax(student, -1)[..., :6],
+        torch.log_softmax(logits, -1)[..., :6],
+        log_target=True,
+        reduction="none",
+    )
+    assert torch.isfinite(student.grad).all() and kl.sum().item() > 0
+    assert kl.detach().flatten().tolist() == pytest.approx(exact.detach().sum(-1).flatten().tolist(), rel=1e-4)
 
 
 def test_top_k_beyond_the_vocabulary_is_exact(tok, reference):

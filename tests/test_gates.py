@@ -194,7 +194,9 @@ def test_agreeing_samples_are_not_certainty():
     )
     assert o.status == "inconclusive"
     one = mean_interval([1.0], bounded=True)
-    assert one.high - one.low == 2
+    assert (one.low, one.high) == (0.0, 1.0)  # the whole range a score can take
+    d = paired(one, mean_interval([0.0], bounded=True))
+    assert (d.low, d.high) == (-1.0, 1.0)
 
 
 @pytest.mark.parametrize("gate", ["ruler.avg:max_decrease=10%", "ruler.avg:min_recovery=0.9"])

@@ -118,6 +118,32 @@ def test_bounded_intervals_stay_in_range():
     assert 0.0 <= before.low <= before.value <= before.high <= 1.0 and before.low == 0.0
     d = paired(after, before)
     assert -1.0 <= d.low <= d.value <= d.high <= 1.0 and d.low == -1.0
+    one = mean_interval([0.8], bounded=True)  # one score: no interval, but still within [0, 1]
+    assert (one.low, one.high) == (0.0, 1.0)
+    from surgery.evaluate.gates import scaled
+
+    wider = scaled(mean_interval([0.9, 1.0, 1.0, 0.95], bounded=True), 0.99)  # rescaled to 99%: still in range
+    assert 0.0 <= wider.low < 0.9 and wider.high == 1.0
+    diff = scaled(d, 0.99)
+    assert diff.low == -1.0 and diff.high <= 1.0
+
+
+def test_a_broken_measurement_has_no_interval_to_pass_on():
+    """A NaN sample (a diverged model) gives a NaN interval, which a confidence gate fails."""
+    from surgery.evaluate.gates import evaluate_gates, parse_gate
+    from surgery.evaluate.stats import mean_interval
+
+    for bounded in (False, True):
+        est = mean_interval([0.5, math.nan, 0.4], bounded=bounded)
+        assert math.isnan(est.low) and math.isnan(est.high)
+    after = mean_interval([0.9, math.nan, 0.95], bounded=True)
+    (outcome,) = evaluate_gates(
+        [parse_gate("ruler.avg@8:min=0.5,confidence=0.95")],
+        None,
+        {"ruler.avg@8": after.value},
+        ({}, {"ruler.avg@8": after}),
+    )
+    assert outcome.status == "fail"
 
 
 def test_small_continuous_units_get_no_rule_of_three_floor():

@@ -70,13 +70,18 @@ def log_probs(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+LOGP_FLOOR = -1e9  # the log-prob kept for a token the reference rules out (probability 0, finite)
+
+
 def topk_stats(logp: torch.Tensor, targets: torch.Tensor, k: int) -> dict[str, torch.Tensor]:
-    """The compact reference of one slice: top-k ids and log-probs, and the real token's log-prob."""
+    """The compact reference of one slice: top-k ids and log-probs, and the real token's log-prob.
+    A token the model rules out (-inf, e.g. a masked vocabulary padding) gets a log-prob of -1e9:
+    probability 0 all the same, and finite, so 0 x log 0 never turns a KL or its gradient to NaN."""
     values, index = logp.topk(min(k, logp.shape[-1]), dim=-1)
     return {
         "topk_ids": index.to(torch.int32),
-        "topk_logp": values,
-        "target_logp": logp.gather(-1, targets[..., None]).squeeze(-1),
+        "topk_logp": values.clamp_min(LOGP_FLOOR),
+        "target_logp": logp.gather(-1, targets[..., None]).squeeze(-1).clamp_min(LOGP_FLOOR),
     }
 
 
@@ -144,7 +149,8 @@ def compare_topk(ref: dict[str, torch.Tensor], logq: torch.Tensor, targets: torc
 
 def stats_problem(stats: dict[str, torch.Tensor], windows: torch.Tensor, top_k: int, vocab: int) -> str | None:
     """Why cached reference statistics do not fit these windows (None when they do): every tensor
-    with its shape and dtype, finite log-probs at most 0, token ids within the vocabulary."""
+    with its shape and dtype, finite log-probs at most 0 whose top-k probabilities sum to at most
+    1, distinct token ids within the vocabulary."""
     positions = (windows.shape[0], windows.shape[1] - 1)
     k = min(top_k, vocab)
     want = {"topk_ids": (positions + (k,), torch.int32), "topk_logp": (positions + (k,), torch.float32)}
@@ -158,9 +164,13 @@ def stats_problem(stats: dict[str, torch.Tensor], windows: torch.Tensor, top_k: 
         values = stats[name]
         if not torch.isfinite(values).all() or (values > 1e-4).any():
             return f"{name} holds values that are not log-probabilities"
+    if (stats["topk_logp"].exp().sum(-1) > 1 + 1e-3).any():
+        return "topk_logp sums to more than probability 1"
     ids = stats["topk_ids"]
     if ids.numel() and (ids.min() < 0 or ids.max() >= vocab):
         return "topk_ids outside the vocabulary"
+    if ids.numel() and (ids.sort(-1).values.diff(dim=-1) == 0).any():
+        return "topk_ids repeats a token at one position"
     return None
 
 

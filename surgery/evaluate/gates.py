@@ -115,13 +115,17 @@ def check_rule(rule: Rule, before: float | None, after: float, metric: str) -> t
 
 
 def scaled(est: Estimate, confidence: float) -> Estimate:
-    """A stored 95% interval rescaled to another level (normal approximation)."""
+    """A stored 95% interval rescaled to another level (normal approximation), kept in the range of
+    a bounded score."""
     if confidence == CONFIDENCE:
         return est
     from scipy.stats import norm
 
     k = norm.ppf(0.5 + confidence / 2) / norm.ppf(0.5 + CONFIDENCE / 2)
-    return Estimate(est.value, est.value - (est.value - est.low) * k, est.value + (est.high - est.value) * k, est.n)
+    low, high = est.value - (est.value - est.low) * k, est.value + (est.high - est.value) * k
+    if est.bounded:  # scores stay in [0, 1], their paired differences in [-1, 1]
+        low, high = max(0.0 if est.low >= 0 else -1.0, low), min(1.0, high)
+    return Estimate(est.value, low, high, est.n, bounded=est.bounded)
 
 
 def quantity(rule: Rule, before: Estimate | None, after: Estimate, metric: str) -> tuple[Estimate, bool]:

@@ -79,16 +79,19 @@ def mean_interval(
     it) the half-width is at least the rule of three's
     -ln(1 - confidence) / n (3/n at 95%): when all n agree, up to that share of the units could
     differ unseen, and a disagreement or two must not buy a narrower interval than none (t is
-    anti-conservative for rare events). One sample gives no interval at all (±1 for bounded ones,
-    ±(|mean| + 1) otherwise)."""
+    anti-conservative for rare events). One sample gives no interval at all (the whole span for bounded
+    ones, ±(|mean| + 1) otherwise); a NaN or infinite sample gives a NaN interval."""
     from scipy.stats import t
 
     x = np.asarray(values, dtype=np.float64).ravel()
     mean = float(x.mean()) if x.size else math.nan
     units = tuple(float(v) for v in x)
+    if not np.isfinite(x).all():  # a broken measurement: no interval a gate could pass on
+        return Estimate(mean, math.nan, math.nan, int(x.size), units, bounded=bounded)
     if x.size < 2:
-        half = 1.0 if bounded else abs(mean) + 1
-        return Estimate(mean, mean - half, mean + half, int(x.size), units)
+        if bounded:
+            return Estimate(mean, span[0], span[1], int(x.size), units, bounded=True)
+        return Estimate(mean, mean - abs(mean) - 1, mean + abs(mean) + 1, int(x.size), units)
     half = 0.0 if np.ptp(x) == 0 else float(t.ppf(0.5 + confidence / 2, x.size - 1) * x.std(ddof=1) / math.sqrt(x.size))
     if not bounded:
         return Estimate(mean, mean - half, mean + half, int(x.size), units)
@@ -152,7 +155,7 @@ def paired(before: Estimate, after: Estimate, confidence: float = CONFIDENCE) ->
     bounded = (binary or (before.bounded and after.bounded)) and not after.log
     d = mean_interval(np.subtract(after.units, before.units), confidence, bounded, span=(-1.0, 1.0))
     if not after.log:
-        return Estimate(after.value - before.value, d.low, d.high, d.n)
+        return Estimate(after.value - before.value, d.low, d.high, d.n, bounded=bounded)
     scale = before.value
     return Estimate(after.value - before.value, scale * math.expm1(d.low), scale * math.expm1(d.high), d.n)
 
