@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from surgery.arch import text_config
 from surgery.data import NAMED
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, EvalResult, make_eval
 from surgery.evaluate.gates import Gate, GateOutcome, evaluate_gates, parse_gate, verdict
 from surgery.evaluate.report import Report, compare_rows, estimates_of, interval_problem, markdown_table
+from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
 

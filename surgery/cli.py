@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -48,11 +49,22 @@ def main(verbose: bool) -> None:
         for noisy in ("transformers", "lm-eval", "lm_eval", "datasets"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
     if not sys.stderr.isatty():  # loading and saving bars are for terminals, not for logs
+        quiet_progress_bars()
+
+
+def quiet_progress_bars() -> None:
+    """No hub or transformers bars: through the environment for libraries not imported yet (both
+    read HF_HUB_DISABLE_PROGRESS_BARS at import; importing them here would cost seconds), and
+    through their switches for those already imported."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "huggingface_hub" in sys.modules:
         from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:
         from transformers.utils.logging import disable_progress_bar
 
         disable_progress_bar()
-        disable_progress_bars()
 
 
 # ---------------------------------------------------------------- list

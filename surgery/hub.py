@@ -12,11 +12,10 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from surgery.checkpoint import auto_map_of, carried_over
 from surgery.errors import UnsafeInput
 from surgery.io import atomic_dir, reserve
+from surgery.lazy import torch
 from surgery.models import SOURCE_FILE, checked_skeleton
 from surgery.patch import Patch, PatchRecord, get_patch, history
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 from pydantic import BaseModel
 
 from surgery.arch import (
@@ -18,6 +17,7 @@ from surgery.arch import (
     text_config,
 )
 from surgery.errors import SurgeryError
+from surgery.lazy import torch
 from surgery.patch import history
 
 DEFAULT_CONTEXTS = (4096, 32768, 131072)

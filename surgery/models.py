@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from surgery.checkpoint import check_config, check_tensors, check_tokenizer, weight_files
 from surgery.errors import ModelNotFound, SurgeryError, UnsafeInput
+from surgery.lazy import torch
 from surgery.patch import Context, history, make_patch
 
 log = logging.getLogger(__name__)
@@ -184,14 +183,14 @@ def local_dir(source: Source) -> Path | None:
     return None
 
 
-DTYPES: dict[str, torch.dtype | str] = {
+DTYPES: dict[str, str] = {  # names a user may give -> torch's (resolved when used: no torch import here)
     "auto": "auto",
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
 
 
@@ -200,7 +199,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
         return dtype
     if dtype not in DTYPES:
         raise SurgeryError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")
-    return DTYPES[dtype]
+    return "auto" if DTYPES[dtype] == "auto" else getattr(torch, DTYPES[dtype])
 
 
 def _hub_error(ref: str, err: Exception) -> ModelNotFound:

@@ -10,7 +10,6 @@ import dataclasses
 import logging
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from surgery.arch import kv_bytes_per_token, text_config
@@ -22,6 +21,7 @@ from surgery.errors import (
     numbers_not_bools,
     validation_problems,
 )
+from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ class Snapshot(BaseModel):
     config: dict[str, Any]
     parameters: int
     kv_bytes_per_token: int
-    buffers: dict[str, torch.Tensor]
+    buffers: dict[str, Any]  # name -> tensor
 
 
 def snapshot(model: torch.nn.Module) -> Snapshot:

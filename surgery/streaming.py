@@ -16,32 +16,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from surgery.checkpoint import INDEX, read_header
 from surgery.errors import SurgeryError
 from surgery.hub import copy_unchanged, write_metadata
 from surgery.io import atomic_dir, reserve
+from surgery.lazy import torch
 from surgery.models import checked_skeleton
 from surgery.patch import Patch, PatchRecord
 
 log = logging.getLogger(__name__)
 
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
+SAFETENSORS_DTYPES = {  # safetensors' names -> torch's
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
 }
-Transform = Callable[[str, torch.Tensor], torch.Tensor]
+Transform = Callable[[str, "torch.Tensor"], "torch.Tensor"]
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a safetensors dtype name."""
+    return getattr(torch, SAFETENSORS_DTYPES[name])
 
 
 def write_all(fout: Any, data: bytes | memoryview) -> None:
@@ -85,11 +89,11 @@ def stream_file(src: Path, dst: Path, transform: Transform) -> int:
     offset = 0
     for name in names:
         info = header[name]
-        probe = torch.empty(info["shape"], dtype=DTYPES[info["dtype"]], device="meta")
+        probe = torch.empty(info["shape"], dtype=torch_dtype(info["dtype"]), device="meta")
         result = transform(name, probe)
         if result is not probe:
             changed.add(name)
-        nbytes = DTYPES[info["dtype"]].itemsize * int(result.shape.numel())
+        nbytes = torch_dtype(info["dtype"]).itemsize * int(result.shape.numel())
         out_header[name] = {
             "dtype": info["dtype"],
             "shape": list(result.shape),
@@ -122,7 +126,7 @@ def stream_file(src: Path, dst: Path, transform: Transform) -> int:
             fin.seek(begin)
             if fin.readinto(memoryview(raw.numpy())) != end - begin:
                 raise SurgeryError(f"{src} ended early; is the checkpoint complete?")
-            result = transform(name, raw.view(DTYPES[info["dtype"]]).reshape(info["shape"])).contiguous()
+            result = transform(name, raw.view(torch_dtype(info["dtype"])).reshape(info["shape"])).contiguous()
             assert list(result.shape) == out_header[name]["shape"], name
             write_all(fout, memoryview(result.view(torch.uint8).reshape(-1).numpy()))
             del raw, result

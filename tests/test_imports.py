@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parent.parent / "surgery"
 
 
@@ -74,6 +76,7 @@ def test_no_import_cycles_even_inside_functions():
 
 # the README's layout, bottom up: a module may import its own layer and the ones before it
 LAYERS = [
+    "surgery.lazy",
     "surgery.errors",
     "surgery.arch",
     "surgery.patch",
@@ -127,3 +130,23 @@ sys.exit(1 if failed else 0)
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=PACKAGE.parent)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["list"], ["validate", "recipes/smollm2-mqa-heal.yaml"], ["apply", "yarn", "--help"]]
+)
+def test_the_quick_commands_import_neither_torch_nor_transformers(args):
+    """`surgery --help`, `list` and `validate` (no --model) start in about a second: torch and
+    transformers (seconds each) are bound lazily (surgery.lazy) and loaded by the commands that
+    touch a tensor or a config."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "surgery.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers", "scipy", "accelerate", "peft"))
+    assert heavy == [], heavy[:10]
+    assert "surgery.patches.rope" in imported and "surgery.evaluate.ruler" in imported  # the registries did load

@@ -13,7 +13,7 @@ import surgery
 from surgery.errors import InvalidParams, UnsupportedModel
 from surgery.evaluate.cache import cache_bytes, make_cache
 from surgery.patch import make_patch
-from surgery.patches.kv_cache import KIVILayer, dequantize, pack, quantize, unpack
+from surgery.patches.kivi import KIVILayer, dequantize, pack, quantize, unpack
 from tests.conftest import tiny_model, tokens
 
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from surgery.errors import SurgeryError, UnknownEval, did_you_mean, numbers_not_bools
 from surgery.evaluate.stats import Estimate
+from surgery.lazy import torch
 from surgery.patch import construct
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
+from surgery.lazy import torch
 
 
 def make_cache(model: torch.nn.Module):

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from surgery.data import TextSource, text_label
@@ -40,6 +39,7 @@ from surgery.evaluate.base import Eval, progress, register
 from surgery.evaluate.cache import make_cache
 from surgery.evaluate.perplexity import LOGIT_SLICE, text_windows
 from surgery.evaluate.stats import block_mean, block_quantile
+from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 1

@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
+import statistics
 from typing import Literal
 
 from pydantic import BaseModel
@@ -119,9 +120,8 @@ def scaled(est: Estimate, confidence: float) -> Estimate:
     a bounded score."""
     if confidence == CONFIDENCE:
         return est
-    from scipy.stats import norm
-
-    k = norm.ppf(0.5 + confidence / 2) / norm.ppf(0.5 + CONFIDENCE / 2)
+    z = statistics.NormalDist().inv_cdf
+    k = z(0.5 + confidence / 2) / z(0.5 + CONFIDENCE / 2)
     low, high = est.value - (est.value - est.low) * k, est.value + (est.high - est.value) * k
     if est.bounded:  # scores stay in [0, 1], their paired differences in [-1, 1]
         low, high = max(0.0 if est.low >= 0 else -1.0, low), min(1.0, high)

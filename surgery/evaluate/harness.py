@@ -14,12 +14,12 @@ import os
 import re
 from typing import Any, ClassVar
 
-import torch
 from pydantic import Field, field_validator
 
 from surgery.data import pydoc_topics_split
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, register
+from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ import random
 import re
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, field_validator
 
 from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, progress, register
 from surgery.evaluate.stats import outcomes
+from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
 

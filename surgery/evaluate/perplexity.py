@@ -12,7 +12,6 @@ import logging
 import math
 from typing import Any, ClassVar
 
-import torch
 from pydantic import Field, field_validator
 
 from surgery.data import TextSource, load_text, token_stream
@@ -20,6 +19,7 @@ from surgery.errors import SurgeryError
 from surgery.evaluate.base import Eval, progress, register
 from surgery.evaluate.cache import make_cache
 from surgery.evaluate.stats import block_mean
+from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
 LOGIT_SLICE = 1024  # positions per lm_head call: 1024 x 49k fp32 = 200 MB

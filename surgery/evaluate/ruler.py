@@ -45,7 +45,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, field_validator, model_validator
 
 from surgery.data import TextSource, load_text, token_stream
@@ -53,6 +52,7 @@ from surgery.errors import SurgeryError, did_you_mean
 from surgery.evaluate.base import Eval, progress, register
 from surgery.evaluate.needle import FILLER, fractions
 from surgery.evaluate.stats import Estimate, mean_interval, outcomes, samples_for_halfwidth
+from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from typing import Any, ClassVar
 
-import torch
 from pydantic import Field
 
 from surgery.arch import kv_cache_bytes
 from surgery.data import TextSource, load_text, token_stream
 from surgery.evaluate.base import Eval, register
 from surgery.evaluate.cache import cache_bytes, make_cache
+from surgery.lazy import torch
 
 
 @register

@@ -18,6 +18,7 @@ its interval and its sample count (the `n` that gate sample-size advice scales).
 from __future__ import annotations
 
 import math
+import statistics
 from typing import NamedTuple
 
 import numpy as np
@@ -65,9 +66,7 @@ def outcomes(hits) -> Estimate:
 
 def samples_for_halfwidth(halfwidth: float, p: float = 0.5, confidence: float = CONFIDENCE) -> int:
     """Prompts an accuracy needs for a Wilson interval no wider than ±halfwidth (worst case p=0.5)."""
-    from scipy.stats import norm
-
-    z = norm.ppf(0.5 + confidence / 2)
+    z = statistics.NormalDist().inv_cdf(0.5 + confidence / 2)  # the stdlib's: no scipy at import
     return math.ceil(z * z * p * (1 - p) / halfwidth**2)
 
 

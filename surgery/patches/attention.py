@@ -10,10 +10,10 @@ from __future__ import annotations
 import importlib.util
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field
 
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
+from surgery.lazy import torch
 from surgery.patch import Context, Patch, Snapshot, history, register
 
 IMPLEMENTATIONS = ("sdpa", "eager", "flex_attention", "flash_attention_2", "flash_attention_3")

@@ -19,12 +19,12 @@ import logging
 import re
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from surgery.arch import head_dim, kv_heads, text_config
 from surgery.data import TextSource
 from surgery.errors import PatchDidNotTakeEffect, SurgeryError, UnsupportedModel
+from surgery.lazy import torch
 from surgery.patch import Context, Patch, Snapshot, register
 
 log = logging.getLogger(__name__)

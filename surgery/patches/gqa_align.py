@@ -21,10 +21,9 @@ import dataclasses
 import logging
 from typing import Any
 
-import torch
-
 from surgery.arch import head_dim, kv_heads, text_config
 from surgery.data import load_text, token_stream
+from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
 

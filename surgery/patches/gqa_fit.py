@@ -18,9 +18,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import torch
-
 from surgery.data import token_blocks
+from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
 

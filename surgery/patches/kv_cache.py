@@ -1,4 +1,5 @@
-"""KV-cache quantization: a pure-torch KIVI-style cache (int8/int4/int2) and transformers' fp8 one.
+"""KV-cache quantization: a pure-torch KIVI-style cache (int8/int4/int2, `surgery.patches.kivi`)
+and transformers' fp8 one.
 
 KIVI (Liu et al., 2024): keys are quantized per channel (one scale/zero per channel for each group
 of `group_size` tokens: keys have outlier channels), values per token (one scale/zero per group of
@@ -16,151 +17,12 @@ from __future__ import annotations
 import types
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, model_validator
 
 from surgery.arch import head_dim, layer_windows, text_config
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
+from surgery.lazy import torch
 from surgery.patch import Context, Patch, Persist, Snapshot, register
-
-SCALE_DTYPE = torch.float16
-
-
-def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., D) uint8 codes < 2**bits -> (..., D * bits / 8) bytes, lowest bits first."""
-    if bits == 8:
-        return codes
-    per = 8 // bits
-    grouped = codes.view(*codes.shape[:-1], -1, per)
-    out = grouped[..., 0].clone()
-    for i in range(1, per):
-        out |= grouped[..., i] << (bits * i)
-    return out
-
-
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of `pack`: (..., D * bits / 8) bytes -> (..., D) uint8 codes."""
-    if bits == 8:
-        return packed
-    mask = 2**bits - 1
-    parts = [packed & mask] + [(packed >> shift) & mask for shift in range(bits, 8, bits)]
-    return torch.stack(parts, -1).flatten(-2)
-
-
-def quantize(x: torch.Tensor, bits: int, group: int, per_channel: bool) -> tuple[torch.Tensor, ...]:
-    """Asymmetric min-max quantization of (B, H, T, D) states. per_channel (keys): groups of `group`
-    tokens share a scale per channel, T % group == 0; else (values): groups of `group` channels of
-    one token. Returns (packed codes, scale, zero) with scale/zero in float16."""
-    b, h, t, d = x.shape
-    grouped = x.float().view(b, h, t // group, group, d) if per_channel else x.float().view(b, h, t, d // group, group)
-    axis = 3 if per_channel else 4
-    lo = grouped.amin(axis, keepdim=True).to(SCALE_DTYPE)
-    hi = grouped.amax(axis, keepdim=True).to(SCALE_DTYPE)
-    scale = ((hi.float() - lo.float()) / (2**bits - 1)).clamp(min=1e-4).to(SCALE_DTYPE)
-    codes = ((grouped - lo.float()) / scale.float()).round_().clamp_(0, 2**bits - 1).to(torch.uint8)
-    return pack(codes.view(b, h, t, d), bits), scale.squeeze(axis), lo.squeeze(axis)
-
-
-def dequantize(
-    q: tuple[torch.Tensor, ...],
-    bits: int,
-    group: int,
-    per_channel: bool,
-    dtype: torch.dtype,
-    tail: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """(B, H, T, D) states from `quantize`'s output, with `tail` (full-precision states) appended.
-    Codes are unpacked straight into one preallocated float tensor (no uint8 intermediate, no
-    concatenation copy), then scaled in place; broadcasting a uint8 operand is several times
-    slower on CPU, so scale and zero meet float data only."""
-    codes, scale, zero = q
-    b, h, t, packed_d = codes.shape
-    d = packed_d * 8 // bits
-    extra = 0 if tail is None else tail.shape[-2]
-    out = torch.empty(b, h, t + extra, d, dtype=dtype, device=codes.device)
-    if per_channel:  # scale: (B, H, T / group, D)
-        shape, axis = (b, h, t // group, group, d), 3
-    else:  # scale: (B, H, T, D / group)
-        shape, axis = (b, h, t, d // group, group), 4
-    history = out[:, :, :t]
-    if bits == 8:
-        history.copy_(codes)
-    else:  # unpack straight into the float output: slot i of each byte holds bits [bits*i, bits*(i+1))
-        per, mask = 8 // bits, 2**bits - 1
-        slots = history.view(b, h, t, packed_d, per)
-        slots[..., 0].copy_(codes & mask)
-        for i in range(1, per):
-            slots[..., i].copy_((codes >> (bits * i)) & mask)
-    history.view(shape).mul_(scale.to(dtype).unsqueeze(axis)).add_(zero.to(dtype).unsqueeze(axis))
-    if extra:
-        out[:, :, t:] = tail
-    return out
-
-
-def cat_quantized(old: tuple[torch.Tensor, ...] | None, new: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    return new if old is None else tuple(torch.cat([a, b], dim=2) for a, b in zip(old, new, strict=True))
-
-
-def _layer_base():
-    from transformers.cache_utils import BaseQuantizedLayer
-
-    return BaseQuantizedLayer
-
-
-class KIVILayer(_layer_base()):
-    """One layer of the KIVI cache. `keys`/`values` hold the full-precision residual (< `residual`
-    tokens once flushed); `_quantized_keys`/`_quantized_values` the packed history."""
-
-    def __init__(self, bits: int, group_size: int, residual: int):
-        super().__init__()
-        self.bits, self.group, self.residual = bits, group_size, residual
-
-    def _quantize(self, tensor: torch.Tensor, per_channel: bool) -> tuple[torch.Tensor, ...]:
-        return quantize(tensor, self.bits, self.group, per_channel)
-
-    def _dequantize(self, q: tuple[torch.Tensor, ...], per_channel: bool, tail: torch.Tensor) -> torch.Tensor:
-        return dequantize(q, self.bits, self.group, per_channel, tail.dtype, tail)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
-        self.cumulative_length += key_states.shape[-2]
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        keys, values = self.keys, self.values
-        if self._quantized_keys is not None:
-            keys = self._dequantize(self._quantized_keys, True, keys)
-            values = self._dequantize(self._quantized_values, False, values)
-        n = self.keys.shape[-2]
-        if n >= self.residual:  # flush whole blocks of `residual` tokens; the rest stays exact
-            m = n - n % self.residual
-            qk = self._quantize(self.keys[..., :m, :], per_channel=True)
-            qv = self._quantize(self.values[..., :m, :], per_channel=False)
-            self._quantized_keys = cat_quantized(self._quantized_keys, qk)
-            self._quantized_values = cat_quantized(self._quantized_values, qv)
-            self.keys, self.values = self.keys[..., m:, :].clone(), self.values[..., m:, :].clone()
-        return keys, values
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        """Beam search: reorder the packed history and the residual along the batch (exact)."""
-        if not self.is_initialized:
-            return
-        beam_idx = beam_idx.to(self.device)
-        self.keys, self.values = self.keys.index_select(0, beam_idx), self.values.index_select(0, beam_idx)
-        for attr in ("_quantized_keys", "_quantized_values"):
-            if getattr(self, attr) is not None:
-                setattr(self, attr, tuple(t.index_select(0, beam_idx) for t in getattr(self, attr)))
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        if not self.is_initialized:
-            return
-        self.keys, self.values = self.keys.repeat_interleave(repeats, 0), self.values.repeat_interleave(repeats, 0)
-        for attr in ("_quantized_keys", "_quantized_values"):
-            if getattr(self, attr) is not None:
-                setattr(self, attr, tuple(t.repeat_interleave(repeats, 0) for t in getattr(self, attr)))
-
-    def get_seq_length(self) -> int:
-        return self.cumulative_length
 
 
 @register
@@ -232,6 +94,8 @@ class KVQuant(Patch):
         if self.method == "fp8":
             return QuantizedCache(backend="fp8", config=model.config)
         n = text_config(model.config).num_hidden_layers
+        from surgery.patches.kivi import KIVILayer
+
         return Cache(layers=[KIVILayer(self.bits, self.group, self.residual_tokens) for _ in range(n)])
 
     def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
@@ -252,6 +116,8 @@ class KVQuant(Patch):
     def verify(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> None:
         cache = self.make_cache(model)
         layer = cache.layers[0]
+        from surgery.patches.kivi import KIVILayer
+
         ok = isinstance(layer, KIVILayer) if self.method == "int" else type(layer).__name__ == "Fp8QuantizedLayer"
         if not ok or getattr(model, "surgery_kv_cache", None) is not self:
             raise PatchDidNotTakeEffect(f"{self.name}: the model would not build the quantized cache")

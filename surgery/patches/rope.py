@@ -12,12 +12,11 @@ from __future__ import annotations
 import copy
 from typing import Any, ClassVar, Literal
 
-import torch
 from pydantic import Field, model_validator
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from surgery.arch import head_dim, text_config
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
+from surgery.lazy import torch
 from surgery.patch import Context, Patch, Snapshot, register
 from surgery.patches.rope_params import (
     ARCHITECTURES,
@@ -141,6 +140,8 @@ class RopePatch(Patch):
 
     def _verify_dynamic(self, name: str, module: torch.nn.Module, slot: str) -> None:
         """Dynamic NTK only changes inv_freq past max_position_embeddings: probe a copy there."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
         probe = copy.deepcopy(module)
         long = 2 * module.config.max_position_embeddings
         x = torch.zeros(1, 1, 1, device=getattr(probe, buffer_name(slot)).device)

@@ -9,9 +9,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
+from surgery.lazy import torch
 from surgery.patch import history
 
 ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3")
@@ -87,6 +85,8 @@ def rebuild_rotary(model: torch.nn.Module) -> None:
 
 def expected_buffers(module: torch.nn.Module, slot: str) -> tuple[torch.Tensor, float]:
     """inv_freq and attention scaling as transformers computes them from the module's config."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     layer_type = None if slot == GLOBAL else slot
     kind = slot_params(module.config, slot)["rope_type"]
     fn = module.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
@@ -97,6 +97,8 @@ def expected_buffers(module: torch.nn.Module, slot: str) -> tuple[torch.Tensor, 
 def as_longrope(config: Any, params: dict[str, Any], rotary_dim: int) -> dict[str, Any]:
     """Express a static scaling exactly as `longrope` with equal short and long per-frequency
     factors, for configs that accept nothing else (Phi3). Same inv_freq, same attention scaling."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     probe = copy.deepcopy(config)
     probe.rope_parameters = dict(params)
     inv_freq, attention = ROPE_INIT_FUNCTIONS[params["rope_type"]](probe)

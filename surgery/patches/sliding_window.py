@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
 from pydantic import Field, model_validator
 
 from surgery.arch import layer_windows, text_config
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
+from surgery.lazy import torch
 from surgery.patch import Context, Patch, Persist, Snapshot, register
 
 RUNTIME_IMPL = "surgery_sliding"

@@ -21,11 +21,11 @@ import math
 import time
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from surgery.data import TextSource, token_blocks
 from surgery.errors import SurgeryError, numbers_not_bools
+from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
 

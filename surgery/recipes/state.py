@@ -8,12 +8,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from pydantic import BaseModel, Field
 
 from surgery.evaluate.base import EvalResult
 from surgery.evaluate.gates import GateOutcome
 from surgery.evaluate.stats import Estimate
+from surgery.lazy import torch
 
 
 class RunState(BaseModel):

@@ -7,10 +7,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from surgery.errors import RecipeError, SurgeryError, did_you_mean, validation_problems
+from surgery.lazy import torch
 from surgery.recipes.state import RunContext
 
 

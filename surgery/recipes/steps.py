@@ -9,12 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from surgery.errors import GateError, SurgeryError, did_you_mean
 from surgery.evaluate.base import EVALS, Eval
 from surgery.evaluate.gates import Gate, evaluate_gates, parse_gate
+from surgery.lazy import torch
 from surgery.patch import PATCHES, Patch
 from surgery.recipes.finetune import Finetune
 from surgery.recipes.report import card_section, run_of, stamp
