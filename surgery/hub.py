@@ -4,17 +4,15 @@ and the config-only fast path for patches that never touch weights."""
 from __future__ import annotations
 
 import datetime
-import fcntl
 import json
 import logging
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from surgery.checkpoint import auto_map_of, carried_over
 from surgery.errors import UnsafeInput
-from surgery.io import atomic_dir, reserve
+from surgery.io import atomic_dir, clone_file, reserve
 from surgery.lazy import torch
 from surgery.models import SOURCE_FILE, checked_skeleton
 from surgery.patch import Patch, PatchRecord, get_patch, history
@@ -22,7 +20,6 @@ from surgery.patch import Patch, PatchRecord, get_patch, history
 log = logging.getLogger(__name__)
 
 MANIFEST = "surgery.json"
-FICLONE = 0x40049409  # linux/fs.h: share the source's extents, copy on write
 NOT_COPIED = {"config.json", "README.md", MANIFEST, SOURCE_FILE}  # rewritten, not carried over
 
 
@@ -155,16 +152,6 @@ def save(
             (tmp / name).write_text(text)
     log.info("saved %s", out)
     return out
-
-
-def clone_file(src: Path, dst: Path) -> None:
-    """Copy-on-write clone where the filesystem supports it (btrfs, xfs: instant), else a kernel
-    copy. Never a hard link: saving into the output later would then rewrite the source too."""
-    try:
-        with open(src, "rb") as fin, open(dst, "wb") as fout:
-            fcntl.ioctl(fout.fileno(), FICLONE, fin.fileno())
-    except OSError:
-        shutil.copyfile(src, dst)
 
 
 def apply_config_only(

@@ -19,7 +19,7 @@ from typing import Any
 from surgery.checkpoint import INDEX, read_header
 from surgery.errors import SurgeryError
 from surgery.hub import copy_unchanged, write_metadata
-from surgery.io import atomic_dir, reserve
+from surgery.io import atomic_dir, copy_range, reserve, write_all
 from surgery.lazy import torch
 from surgery.models import checked_skeleton
 from surgery.patch import Patch, PatchRecord
@@ -46,34 +46,6 @@ Transform = Callable[[str, "torch.Tensor"], "torch.Tensor"]
 def torch_dtype(name: str) -> torch.dtype:
     """The torch dtype of a safetensors dtype name."""
     return getattr(torch, SAFETENSORS_DTYPES[name])
-
-
-def write_all(fout: Any, data: bytes | memoryview) -> None:
-    view, done = memoryview(data), 0
-    while done < len(view):
-        done += fout.write(view[done:])
-
-
-def copy_range(fin: Any, fout: Any, offset: int, count: int) -> None:
-    """Append `count` bytes of `fin` from `offset` to `fout`: in the kernel where it can
-    (copy_file_range: no user-space copy, no page faults), else through a bounded buffer."""
-    if hasattr(os, "copy_file_range"):
-        try:
-            while count:
-                done = os.copy_file_range(fin.fileno(), fout.fileno(), count, offset)
-                if done == 0:
-                    raise SurgeryError(f"{fin.name} ended early; is the checkpoint complete?")
-                offset, count = offset + done, count - done
-            return
-        except OSError:  # e.g. a file system or kernel without it: fall through
-            pass
-    fin.seek(offset)
-    while count:
-        chunk = fin.read(min(count, 64 << 20))
-        if not chunk:
-            raise SurgeryError(f"{fin.name} ended early; is the checkpoint complete?")
-        write_all(fout, chunk)
-        count -= len(chunk)
 
 
 def stream_file(src: Path, dst: Path, transform: Transform) -> int:

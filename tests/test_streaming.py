@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,3 +96,43 @@ def test_streaming_is_chosen_when_the_model_would_not_fit(tmp_path, monkeypatch)
     result = CliRunner().invoke(main, ["apply", "mqa", str(src), "-o", str(tmp_path / "o")])
     assert result.exit_code == 0 and "converting it tensor by tensor" in result.output
     assert "streamed tensor by tensor" in result.output
+
+
+def test_a_cloned_file_never_shares_what_a_write_could_change(tmp_path, monkeypatch):
+    """The config-only route's copy: a reflink where the file system has them, else a kernel or a
+    buffered copy (across file systems: a tmpfs target, or copy_file_range refusing midway). A
+    write into the output afterwards leaves the source bit-identical."""
+    import errno
+    import hashlib
+    import os
+
+    from surgery.io import clone_file
+
+    src = tmp_path / "model.safetensors"
+    src.write_bytes(os.urandom(3 << 20) + b"tail")
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    targets = [tmp_path / "same-fs.safetensors"]
+    if Path("/dev/shm").is_dir() and os.access("/dev/shm", os.W_OK):
+        targets.append(Path(tempfile.mkdtemp(dir="/dev/shm")) / "tmpfs.safetensors")
+    for dst in targets:
+        how = clone_file(src, dst)
+        assert how in ("reflink", "kernel copy", "copy") and dst.read_bytes() == src.read_bytes(), how
+        with open(dst, "r+b") as f:  # an in-place write, as an editing tool would make
+            f.seek(1 << 20)
+            f.write(b"\0" * 4096)
+        assert hashlib.sha256(src.read_bytes()).hexdigest() == digest and os.stat(src).st_nlink == 1
+        if dst.parent != tmp_path:
+            shutil.rmtree(dst.parent)
+    calls = []
+
+    def refuses_midway(fd_in, fd_out, count, offset_src=None):  # a first chunk, then EXDEV
+        if calls:
+            raise OSError(errno.EXDEV, "cross-device")
+        calls.append(count)
+        return real(fd_in, fd_out, 1 << 20, offset_src)
+
+    real = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", refuses_midway)
+    monkeypatch.setattr("surgery.io.fcntl.ioctl", lambda *a: (_ for _ in ()).throw(OSError(errno.EOPNOTSUPP, "")))
+    dst = tmp_path / "fallback.safetensors"
+    assert clone_file(src, dst) == "copy" and dst.read_bytes() == src.read_bytes()
