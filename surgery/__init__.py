@@ -10,6 +10,7 @@ from surgery.evaluate import EVALS, EvalResult, make_eval
 from surgery.hub import save
 from surgery.models import load_config, load_model
 from surgery.patch import PATCHES, Patch, PatchRecord, get_patch, make_patch, register
+from surgery.routes import apply_to_checkpoint
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,7 @@ __all__ = [
     "EVALS",
     "EvalResult",
     "apply",
+    "apply_to_checkpoint",
     "make_eval",
     "get_patch",
     "load_config",

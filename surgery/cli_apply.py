@@ -4,7 +4,6 @@ the route each application takes: config only, streamed tensor by tensor, or loa
 
 from __future__ import annotations
 
-import time
 import types
 import typing
 from pathlib import Path
@@ -12,7 +11,6 @@ from typing import Any
 
 import click
 
-import surgery
 from surgery.errors import SurgeryError
 from surgery.patch import PATCHES, Patch, get_patch
 
@@ -135,12 +133,12 @@ def apply_command(cls: type[Patch]) -> click.Command:
             click.Option(
                 ["--streaming/--no-streaming"],
                 default=None,
-                help="Convert the checkpoint on disk tensor by tensor (default: when it would not fit in memory).",
+                help="Convert the checkpoint on disk tensor by tensor (default: yes for a local checkpoint kept in its dtype).",
             )
         )
 
     def run(model: str, out: str | None, force: bool, dtype: str, load_weights: bool, **params: Any) -> None:
-        streaming = params.pop("streaming", False)
+        streaming = params.pop("streaming", None)
         apply_patch(cls, model, out, force, dtype, load_weights, params, streaming)
 
     return click.Command(
@@ -170,62 +168,26 @@ def apply_patch(
     params: dict[str, Any],
     streaming: bool | None = False,
 ) -> None:
-    from surgery.io import reserve
     from surgery.models import parse_dtype, resolve
     from surgery.patch import construct
+    from surgery.routes import apply_to_checkpoint
 
     flags = {n: "--" + n.replace("_", "-") for n in cls.model_fields}
     patch = construct(cls, cls.name, {k: v for k, v in params.items() if v is not None}, rename=flags)
     parse_dtype(dtype)
     source = resolve(model)
     out = output_path(output, Path.cwd() / f"{source.name}-{patch.slug()}")
-    with reserve(out, force, source.paths()):  # checked and locked before any work
-        record, how, seconds = apply_reserved(patch, model, source, out, force, dtype, load_weights, streaming)
-    for note in record.notes:
-        click.echo(f"  {note}")
-    click.echo(f"wrote {out} ({how}, {seconds:.1f} s)")
-
-
-def apply_reserved(
-    patch: Patch,
-    model: str,
-    source: Any,
-    out: Path,
-    force: bool,
-    dtype: str,
-    load_weights: bool,
-    streaming: bool | None,
-) -> tuple[Any, str, float]:
-    from surgery.hub import apply_config_only
-    from surgery.models import local_dir, skeleton
-    from surgery.streaming import apply_streaming, should_stream
-
-    cls = type(patch)
-    start = time.perf_counter()
-    on_disk = source.kind != "hub" and dtype == "auto"
-    if streaming and not on_disk:
+    if streaming and (source.kind == "hub" or dtype != "auto"):
         raise SurgeryError("--streaming needs a local checkpoint and --dtype auto (tensors keep their dtype)")
-    if streaming is None and on_disk and cls.streamable and should_stream(local_dir(source)):
-        try:
-            patch.tensor_transform(surgery.load_config(model))
-            streaming = True
-            click.echo("the checkpoint would not fit in memory: converting it tensor by tensor (--streaming)")
-        except SurgeryError as err:
-            click.echo(f"warning: the checkpoint may not fit in memory, but {err}", err=True)
-    if streaming:
-        patch.tensor_transform(surgery.load_config(model))  # refuses unstreamable parameters up front
-        out, record = apply_streaming(patch, local_dir(source), out, base_model=source.base_model, force=force)
-        how = "streamed tensor by tensor"
-    elif patch.config_only and not load_weights and on_disk:
-        out, record = apply_config_only(patch, local_dir(source), out, base_model=source.base_model, force=force)
-        how = "config only, weights copied"
-    else:
-        patch.supports(skeleton(surgery.load_config(model)))  # refuse before reading any weights
-        loaded, tokenizer = surgery.load_model(model, dtype=dtype)
-        record = patch.apply(loaded, tokenizer=tokenizer)
-        surgery.save(loaded, tokenizer, out, base_model=source.base_model, force=force, sources=source.paths())
-        how = "weights loaded"
-    return record, how, time.perf_counter() - start
+    route = "memory" if load_weights or streaming is False else "stream" if streaming else "auto"
+    done = apply_to_checkpoint(model, [patch], out, route=route, dtype=dtype, force=force, say=lambda line: None)
+    step = done.plan.steps[0]
+    for note in done.plan.notes:
+        click.echo(f"warning: {note}", err=True)
+    for note in done.records[0].notes:
+        click.echo(f"  {note}")
+    how = {"config": "config only, weights cloned", "stream": "streamed tensor by tensor", "memory": "weights loaded"}
+    click.echo(f"wrote {out} ({how[step.route]}: {step.why}, {done.seconds:.1f} s)")
 
 
 # ---------------------------------------------------------------- eval / compare

@@ -155,11 +155,18 @@ def save(
 
 
 def apply_config_only(
-    patch: Patch, src: Path, out: str | Path, *, base_model: str | None = None, force: bool = False
+    patch: Patch,
+    src: Path,
+    out: str | Path,
+    *,
+    base_model: str | None = None,
+    force: bool = False,
+    consume: bool = False,
 ) -> tuple[Path, PatchRecord]:
     """Apply a config-only patch to a checkpoint on disk without reading its weights: the patch
     runs on a skeleton (meta parameters, real rotary buffers) so it is checked and verified exactly
-    as in memory; then the new config is written next to copies of the weight files."""
+    as in memory; then the new config is written next to clones of the weight files (`consume`:
+    moved instead, from a stage of surgery's own that is discarded next)."""
 
     assert patch.config_only, f"{patch.name} changes weights"
     out, src = Path(out), Path(src)
@@ -168,18 +175,21 @@ def apply_config_only(
         record = patch.apply(model)
         model.config.dtype = dtype  # from_config would otherwise record the skeleton's float32
         with atomic_dir(out, force, [src]) as tmp:
-            copy_unchanged(src, tmp)
+            copy_unchanged(src, tmp, move=consume)
             model.config.save_pretrained(tmp)
             write_metadata(tmp, model.config, base_model)
     return out, record
 
 
-def copy_unchanged(src: Path, dst: Path, skip: Iterable[str] = ()) -> None:
+def copy_unchanged(src: Path, dst: Path, skip: Iterable[str] = (), move: bool = False) -> None:
     """Carry over the files of a checkpoint that a patch leaves alone: never code or pickles, nor
-    the files the writer regenerates."""
+    the files the writer regenerates. `move` renames them instead (a stage about to be discarded)."""
     for f in sorted(src.iterdir()):
         if carried_over(f) and f.name not in NOT_COPIED and f.name not in skip:
-            clone_file(f, dst / f.name)
+            if move:
+                f.replace(dst / f.name)
+            else:
+                clone_file(f, dst / f.name)
 
 
 def push(

@@ -87,8 +87,9 @@ LAYERS = [
     "surgery.evaluate",
     "surgery.patches",
     "surgery.hub",
-    "surgery",  # the public facade (surgery.load_model, surgery.save, ...)
     "surgery.streaming",
+    "surgery.routes",
+    "surgery",  # the public facade (surgery.load_model, surgery.save, ...)
     "surgery.info",
     "surgery.check",
     "surgery.recipes",

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from surgery.cli import main
 from surgery.streaming import read_header, stream_file
-from tests.conftest import logits, tiny_model, tokens
+from tests.conftest import char_tokenizer, logits, tiny_model, tokens
 
 
 def tensors(directory) -> dict[str, torch.Tensor]:
@@ -87,15 +87,19 @@ def test_aligned_cannot_stream(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_streaming_is_chosen_when_the_model_would_not_fit(tmp_path, monkeypatch):
+def test_a_streamable_patch_streams_and_a_data_aware_one_warns_when_the_model_would_not_fit(tmp_path, monkeypatch):
     import surgery.streaming
 
     src = tmp_path / "src"
     tiny_model("llama").save_pretrained(src)
-    monkeypatch.setattr(surgery.streaming, "available_memory", lambda: 1000)  # bytes
+    char_tokenizer().save_pretrained(src)
     result = CliRunner().invoke(main, ["apply", "mqa", str(src), "-o", str(tmp_path / "o")])
-    assert result.exit_code == 0 and "converting it tensor by tensor" in result.output
-    assert "streamed tensor by tensor" in result.output
+    assert result.exit_code == 0 and "streamed tensor by tensor" in result.output, result.output
+    monkeypatch.setattr(surgery.streaming, "available_memory", lambda: 1000)  # bytes
+    args = ["apply", "mqa", "--method", "aligned", str(src), "-o", str(tmp_path / "a")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0 and "weights loaded: mqa cannot stream" in result.output, result.output
+    assert "may not fit in memory" in result.stderr
 
 
 def test_a_cloned_file_never_shares_what_a_write_could_change(tmp_path, monkeypatch):

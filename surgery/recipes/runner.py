@@ -197,7 +197,10 @@ def run_recipe(
         say = echo if main else (lambda _msg: None)
         for warning in domain_warnings(recipe.compiled):
             say(f"warning: {warning}")
-        ctx = start(recipe, partial, state, resume, say, main, api)
+        opened = False
+        if state.completed == 0 and process.num_processes == 1:
+            opened = run_on_disk(recipe, partial, state, say)
+        ctx = start(recipe, partial, state, resume or opened, say, main, api, opened=opened)
         ctx.sources = sources
         process.wait_for_everyone()
         for step in recipe.compiled:
@@ -215,16 +218,75 @@ def run_recipe(
     return RunOutcome(out=out, passed=passed, table=table, state=state)
 
 
+def disk_steps(recipe: Recipe) -> list[Any]:
+    """The route plan of the recipe's leading patch steps that can run on the checkpoint on disk
+    (config-only or streamable), before anything is loaded: none when the recipe starts with
+    another step, when its model is not a local checkpoint, or when it loads in another dtype
+    than the checkpoint's (the disk routes keep every tensor's dtype)."""
+    from surgery.models import load_config, resolve
+    from surgery.recipes.steps import PatchStep
+    from surgery.routes import plan_routes
+
+    lead = []
+    for step in recipe.compiled:
+        if not isinstance(step, PatchStep):
+            break
+        lead.append(step)
+    source = resolve(recipe.model)
+    if not lead or source.kind == "hub":
+        return []
+    config = load_config(recipe.model)
+    stored = str(getattr(config, "dtype", None) or "").replace("torch.", "")
+    if recipe.dtype not in ("auto", stored):
+        return []
+    plan = plan_routes(config, [s.payload for s in lead])
+    return [step for step in plan.steps[: len(lead)] if step.route != "memory"]
+
+
+def run_on_disk(recipe: Recipe, partial: Path, state: RunState, say: Callable[[str], None]) -> bool:
+    """Run the recipe's leading config-only and streamable patch steps on the checkpoint on disk
+    (surgery.apply_to_checkpoint) into OUT.partial's first checkpoint, and point the state at it;
+    False (nothing done) when there are none."""
+    from surgery.routes import apply_to_checkpoint
+
+    steps = disk_steps(recipe)
+    if not steps:
+        return False
+    open_partial(recipe, partial, state, resume=False)
+    name = f"{CHECKPOINT}-{len(steps)}"
+    began = time.perf_counter()
+    done = apply_to_checkpoint(recipe.model, [s.patch for s in steps], partial / name, say=lambda _line: None)
+    total = len(recipe.compiled)
+    for i, (step, record) in enumerate(zip(steps, done.records, strict=True)):
+        say(f"[{i + 1}/{total}] patch {step.patch.short()}: on disk, {step.route} route ({step.why})")
+        for note in record.notes:
+            say(f"    {note}")
+        state.changes.append(step.patch.short())
+        state.seconds[str(i)] = (time.perf_counter() - began) / len(steps)
+    state.completed, state.checkpoint = len(steps), name
+    write_state(partial, state)
+    return True
+
+
 def start(
-    recipe: Recipe, partial: Path, state: RunState, resume: bool, say: Callable[[str], None], main: bool, api: Any
+    recipe: Recipe,
+    partial: Path,
+    state: RunState,
+    resume: bool,
+    say: Callable[[str], None],
+    main: bool,
+    api: Any,
+    opened: bool = False,
 ) -> RunContext:
-    """Load the model (from the state's checkpoint when resuming) and open OUT.partial."""
+    """Load the model (from the state's checkpoint when resuming, or after steps run on disk) and
+    open OUT.partial (`opened`: already open)."""
     import surgery
 
     source = str(partial / state.checkpoint) if state.checkpoint else recipe.model
-    say(f"loading {source}" + (f" (resuming after step {state.completed})" if resume else ""))
+    after = "after the steps on disk" if opened else f"resuming after step {state.completed}"
+    say(f"loading {source}" + (f" ({after})" if resume else ""))
     model, tokenizer = surgery.load_model(source, dtype=recipe.dtype, device=recipe.device)  # fails: no state left
-    if main:
+    if main and not opened:
         open_partial(recipe, partial, state, resume)
     return RunContext(recipe=recipe, model=model, tokenizer=tokenizer, state=state, say=say, main=main, api=api)
 
