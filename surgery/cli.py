@@ -40,15 +40,17 @@ class Group(click.Group):
 
 @click.group(cls=Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars (they show on terminals only anyway).")
 @click.version_option(surgery.__version__, prog_name="surgery")
-def main(verbose: bool) -> None:
+def main(verbose: bool, quiet: bool) -> None:
     """Model surgery for HuggingFace causal LMs: rewrite, verify, evaluate, save."""
+    surgery.io.QUIET = quiet
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(message)s")
     if not verbose:
         logging.getLogger("surgery").setLevel(logging.INFO)
         for noisy in ("transformers", "lm-eval", "lm_eval", "datasets"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
-    if not sys.stderr.isatty():  # loading and saving bars are for terminals, not for logs
+    if quiet or not sys.stderr.isatty():  # loading and saving bars are for terminals, not for logs
         quiet_progress_bars()
 
 
@@ -281,8 +283,12 @@ def validate_cmd(recipe: str, model: str | None, overrides: tuple[str, ...]) -> 
     for warning in domain_warnings(parsed.compiled):
         click.echo(f"  warning: {warning}")
     if model:
+        from surgery.recipes.runner import disk_steps
+
         for line in dry_run(parsed, model):
             click.echo(f"  dry run {line}")
+        for step in disk_steps(parsed, model):
+            click.echo(f"  before loading, on disk: {step.describe()}")
 
 
 @main.command("run")

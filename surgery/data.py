@@ -27,7 +27,8 @@ def check_source(source: str) -> str:
     is loaded)."""
     parts = mix_parts(source)
     if len(parts) > 1:
-        if len(set(parts)) != len(parts):
+        same = [str(Path(p).expanduser().resolve()) if Path(p).expanduser().is_file() else p for p in parts]
+        if len(set(same)) != len(same):  # also one file spelled two ways (a.txt, ./a.txt)
             raise ValueError(f"text mix '{source}' names a source twice")
         for part in parts:
             check_source(part)
@@ -45,10 +46,13 @@ def check_source(source: str) -> str:
 
 
 def join_mix(value: object) -> object:
-    """A YAML list of sources is their mix: [pydoc, docs] -> 'pydoc+docs'."""
+    """A YAML list of sources is their mix: [pydoc, docs] -> 'pydoc+docs'. An element holding '+'
+    is refused (it would read as two sources, or as a file named with '+' it could not)."""
     if isinstance(value, list | tuple):
         if not value or not all(isinstance(v, str) and v for v in value):
             raise ValueError("a text mix is a list of source names, e.g. [pydoc, docs]")
+        if any("+" in v for v in value):
+            raise ValueError("an element of a text mix list holds '+'; list each source once, e.g. [pydoc, docs]")
         return "+".join(value)
     return value
 

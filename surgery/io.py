@@ -303,27 +303,34 @@ def write_all(fout: Any, data: bytes | memoryview) -> None:
         done += fout.write(view[done:])
 
 
-def copy_range(fin: Any, fout: Any, offset: int, count: int) -> str:
+CHUNK = 64 << 20  # bytes per copy call: progress moves, and a kill stops within one chunk
+
+
+def copy_range(fin: Any, fout: Any, offset: int, count: int, bar: Any = None) -> str:
     """Append `count` bytes of `fin` from `offset` to `fout`: in the kernel where it can
     (copy_file_range: no user-space copy, no page faults; a server-side copy on NFS, shared
     extents on XFS), else through a bounded buffer. Returns which ("kernel copy" or "copy")."""
     if hasattr(os, "copy_file_range"):
         try:
             while count:
-                done = os.copy_file_range(fin.fileno(), fout.fileno(), count, offset)
+                done = os.copy_file_range(fin.fileno(), fout.fileno(), min(count, CHUNK), offset)
                 if done == 0:
                     raise SurgeryError(f"{fin.name} ended early; is the checkpoint complete?")
                 offset, count = offset + done, count - done
+                if bar is not None:
+                    bar.update(done)
             return "kernel copy"
         except OSError:  # across file systems (EXDEV), or a kernel without it: the rest by buffer
             pass
     fin.seek(offset)
     while count:
-        chunk = fin.read(min(count, 64 << 20))
+        chunk = fin.read(min(count, CHUNK))
         if not chunk:
             raise SurgeryError(f"{fin.name} ended early; is the checkpoint complete?")
         write_all(fout, chunk)
         count -= len(chunk)
+        if bar is not None:
+            bar.update(len(chunk))
     return "copy"
 
 
@@ -342,4 +349,25 @@ def clone_file(src: Path, dst: Path) -> str:
             return "reflink"
         except OSError:  # EOPNOTSUPP (ext4, tmpfs), EXDEV (another file system)
             pass
-        return copy_range(fin, fout, 0, os.fstat(fin.fileno()).st_size)
+        size = os.fstat(fin.fileno()).st_size
+        if size < CHUNK:  # a bar only where a copy takes long enough to watch
+            return copy_range(fin, fout, 0, size)
+        with bytes_progress(size, f"copying {src.name}") as bar:
+            return copy_range(fin, fout, 0, size, bar)
+
+
+QUIET = False  # `surgery --quiet`: no progress bars at all
+
+
+def progress(total: float, desc: str, unit: str = "it", **kwargs: Any) -> Any:
+    """A progress bar with rate and ETA on stderr for long work; shown on terminals only (tqdm
+    decides), never under `--quiet`, so logs and tests stay clean."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=desc, unit=unit, disable=True if QUIET else None, leave=False, dynamic_ncols=True, **kwargs
+    )
+
+
+def bytes_progress(total: int, desc: str) -> Any:
+    return progress(total, desc, unit="B", unit_scale=True, unit_divisor=1024)

@@ -157,7 +157,9 @@ def apply_to_checkpoint(
         disk = [s for s in plan.steps if s.route != "memory"]
         memory = [s for s in plan.steps if s.route == "memory"]
         records: list[PatchRecord] = []
-        stages = Path(tempfile.mkdtemp(prefix=hidden_name(out, "stages-"), dir=out.parent)) if disk else None
+        staged = len(disk) > 1 or (disk and memory)  # a single step on disk writes `out` itself
+        # "tmp-" leads the name: a writer killed midway leaves debris the next one removes
+        stages = Path(tempfile.mkdtemp(prefix=hidden_name(out, "tmp-stages-"), dir=out.parent)) if staged else None
         try:
             current = here
             for i, step in enumerate(disk):

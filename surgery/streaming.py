@@ -19,7 +19,7 @@ from typing import Any
 from surgery.checkpoint import INDEX, read_header
 from surgery.errors import SurgeryError
 from surgery.hub import copy_unchanged, write_metadata
-from surgery.io import atomic_dir, copy_range, reserve, write_all
+from surgery.io import atomic_dir, bytes_progress, copy_range, reserve, write_all
 from surgery.lazy import torch
 from surgery.models import checked_skeleton
 from surgery.patch import Patch, PatchRecord
@@ -48,8 +48,9 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, SAFETENSORS_DTYPES[name])
 
 
-def stream_file(src: Path, dst: Path, transform: Transform) -> int:
-    """Write `dst` with every tensor of `src` passed through `transform`; returns bytes written.
+def stream_file(src: Path, dst: Path, transform: Transform, bar: Any = None) -> int:
+    """Write `dst` with every tensor of `src` passed through `transform`; returns bytes written
+    (`bar`, a progress bar, advances by the source bytes read).
     Output shapes come from running `transform` on meta tensors, so the header is written first;
     a tensor the transform returns as is (same object) is copied byte for byte by the kernel, the
     others are read one at a time, transformed and written."""
@@ -84,11 +85,11 @@ def stream_file(src: Path, dst: Path, transform: Transform) -> int:
                     run_end = end
                 else:
                     if run_start is not None:
-                        copy_range(fin, fout, run_start, run_end - run_start)
+                        copy_range(fin, fout, run_start, run_end - run_start, bar)
                     run_start, run_end = begin, end
                 continue
             if run_start is not None:
-                copy_range(fin, fout, run_start, run_end - run_start)
+                copy_range(fin, fout, run_start, run_end - run_start, bar)
                 run_start = run_end = None
             if name is None:
                 break
@@ -102,6 +103,8 @@ def stream_file(src: Path, dst: Path, transform: Transform) -> int:
             assert list(result.shape) == out_header[name]["shape"], name
             write_all(fout, memoryview(result.view(torch.uint8).reshape(-1).numpy()))
             del raw, result
+            if bar is not None:
+                bar.update(end - begin)
     return offset
 
 
@@ -147,9 +150,10 @@ def apply_streaming(
 def write_shards(src: Path, shards: list[Path], tmp: Path, transform: Transform) -> None:
     """Every shard through `transform`, and the index with the new total size."""
     total = 0
-    for i, shard in enumerate(shards, 1):
-        log.info("streaming %s (%d/%d)", shard.name, i, len(shards))
-        total += stream_file(shard, tmp / shard.name, transform)
+    with bytes_progress(sum(s.stat().st_size for s in shards), "streaming tensors") as bar:
+        for i, shard in enumerate(shards, 1):
+            log.info("streaming %s (%d/%d)", shard.name, i, len(shards))
+            total += stream_file(shard, tmp / shard.name, transform, bar)
     if (src / INDEX).is_file():
         index = json.loads((src / INDEX).read_text())
         index.setdefault("metadata", {})["total_size"] = total

@@ -136,6 +136,15 @@ def test_text_mix_from_yaml_lists_and_bad_mixes():
         Finetune(text="pydoc+pydoc")
     with pytest.raises(ValueError, match="no such text source 'nope.txt'"):
         Finetune(text=["pydoc", "nope.txt"])
+    with pytest.raises(ValueError, match="holds '\\+'"):
+        Finetune(text=["pydoc+docs", "licenses"])
+
+
+def test_one_file_spelled_two_ways_is_one_source(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "a.txt").write_text("some text")
+    with pytest.raises(ValueError, match="names a source twice"):
+        Finetune(text="a.txt+./a.txt")
 
 
 # ---------------------------------------------------------------- the gate that catches forgetting

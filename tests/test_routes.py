@@ -10,9 +10,11 @@ import textwrap
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import load_file
 
 import surgery
+from surgery.cli import main
 from surgery.patch import make_patch
 from surgery.routes import plan_routes
 from tests.conftest import char_tokenizer, tiny_config, tiny_model
@@ -130,6 +132,8 @@ def test_a_recipe_runs_its_leading_patches_on_disk_before_loading(tmp_path):
         {"save": str(tmp_path / "saved")},
     ]
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"model": str(src), "dtype": "auto", "steps": steps}))
+    shown = CliRunner().invoke(main, ["validate", str(tmp_path / "r.yaml"), "--model", str(src)]).output
+    assert "before loading, on disk: gqa: stream" in shown and "on disk: yarn: config" in shown, shown
     lines = []
     outcome = run_recipe(load_recipe(tmp_path / "r.yaml"), tmp_path / "run", echo=lines.append)
     text = "\n".join(lines)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 
@@ -140,3 +141,24 @@ def test_a_cloned_file_never_shares_what_a_write_could_change(tmp_path, monkeypa
     monkeypatch.setattr("surgery.io.fcntl.ioctl", lambda *a: (_ for _ in ()).throw(OSError(errno.EOPNOTSUPP, "")))
     dst = tmp_path / "fallback.safetensors"
     assert clone_file(src, dst) == "copy" and dst.read_bytes() == src.read_bytes()
+
+
+def test_streaming_shows_progress_on_a_terminal_and_none_under_quiet(tmp_path, monkeypatch):
+    import io
+
+    import surgery.io
+    from surgery.patch import make_patch
+    from surgery.streaming import apply_streaming
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    for quiet in (False, True):
+        monkeypatch.setattr(sys, "stderr", Terminal())
+        monkeypatch.setattr(surgery.io, "QUIET", quiet)
+        apply_streaming(make_patch("mqa"), src, tmp_path / f"out-{quiet}")
+        shown = sys.stderr.getvalue()
+        assert ("streaming tensors" in shown) != quiet and "copying" not in shown, shown  # no bar for small files

@@ -96,14 +96,6 @@ class Eval(BaseModel):
         )
 
 
-def progress(total: int, desc: str, unit: str) -> Any:
-    """A progress bar with rate and ETA for long evaluations; shown on terminals only (tqdm
-    decides), so logs and tests stay clean."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, disable=None, leave=False, dynamic_ncols=True)
-
-
 EVALS: dict[str, type[Eval]] = {}
 
 

@@ -35,10 +35,11 @@ from pydantic import Field
 
 from surgery.data import TextSource, text_label
 from surgery.errors import SurgeryError
-from surgery.evaluate.base import Eval, progress, register
+from surgery.evaluate.base import Eval, register
 from surgery.evaluate.cache import make_cache
 from surgery.evaluate.perplexity import LOGIT_SLICE, text_windows
 from surgery.evaluate.stats import block_mean, block_quantile
+from surgery.io import progress
 from surgery.lazy import torch
 
 log = logging.getLogger(__name__)

@@ -16,9 +16,10 @@ from pydantic import Field, field_validator
 
 from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError
-from surgery.evaluate.base import Eval, progress, register
+from surgery.evaluate.base import Eval, register
 from surgery.evaluate.cache import make_cache
 from surgery.evaluate.stats import block_mean
+from surgery.io import progress
 from surgery.lazy import torch
 
 log = logging.getLogger(__name__)

@@ -49,9 +49,10 @@ from pydantic import Field, field_validator, model_validator
 
 from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError, did_you_mean
-from surgery.evaluate.base import Eval, progress, register
+from surgery.evaluate.base import Eval, register
 from surgery.evaluate.needle import FILLER, fractions
 from surgery.evaluate.stats import Estimate, mean_interval, outcomes, samples_for_halfwidth
+from surgery.io import progress
 from surgery.lazy import torch
 
 log = logging.getLogger(__name__)

@@ -183,7 +183,7 @@ def fit_attention(
     tokenizer: Any,
 ) -> list[str]:
     """Fit every pooled attention module in `modules` (bottom-up) to its teacher; returns notes."""
-    from tqdm.auto import tqdm
+    from surgery.io import progress
 
     ids = calibration_ids(model, tokenizer, patch.calibration_text, patch.fit_tokens)
     batch = min(BATCH, len(ids))
@@ -192,9 +192,8 @@ def fit_attention(
     student_hidden = [h.clone() for h in hidden]
     generator = torch.Generator().manual_seed(0)
     errors = []
-    for (name, student), layer, kwargs in tqdm(
-        list(zip(modules, layers, layer_kwargs, strict=True)), desc="fitting attention", leave=False
-    ):
+    bar = progress(len(modules), "fitting attention", "layer")
+    for (name, student), layer, kwargs in zip(modules, layers, layer_kwargs, strict=True):
         attr = name.rsplit(".", 1)[1]
         _, targets, _, hidden = through_layer(layer, attr, teachers[name], hidden, kwargs)
         inputs, _, attention_kwargs, _ = through_layer(layer, attr, student, student_hidden, kwargs)
@@ -212,6 +211,9 @@ def fit_attention(
         )
         *_, student_hidden = through_layer(layer, attr, student, student_hidden, kwargs)
         log.info("%s: relative error %.4f -> %.4f", name, *errors[-1])
+        bar.update(1)
+        bar.set_postfix(error=f"{errors[-1][1]:.3f}")
+    bar.close()
     before = sum(e[0] for e in errors) / len(errors)
     after = sum(e[1] for e in errors) / len(errors)
     return [

@@ -162,11 +162,13 @@ def train_steps(
     """`max_steps` optimizer steps over `loader` (cycled; batches of token blocks with their row
     indices, which pick the teacher's statistics of the same blocks); the loss of each step,
     averaged over its micro-batches and gathered across processes."""
-    from tqdm.auto import tqdm
+    from surgery.io import progress
 
     losses: list[float] = []
     batches = iter(loader)
-    bar = tqdm(total=settings.max_steps, desc="finetune", disable=not accelerator.is_local_main_process, leave=False)
+    bar = progress(settings.max_steps, "finetune", "step")
+    if not accelerator.is_local_main_process:  # one bar per machine
+        bar.disable = True
     for _ in range(settings.max_steps):
         step_loss = torch.zeros((), device=accelerator.device)
         for _ in range(settings.grad_accum):

@@ -218,11 +218,12 @@ def run_recipe(
     return RunOutcome(out=out, passed=passed, table=table, state=state)
 
 
-def disk_steps(recipe: Recipe) -> list[Any]:
+def disk_steps(recipe: Recipe, model: str | None = None) -> list[Any]:
     """The route plan of the recipe's leading patch steps that can run on the checkpoint on disk
     (config-only or streamable), before anything is loaded: none when the recipe starts with
     another step, when its model is not a local checkpoint, or when it loads in another dtype
-    than the checkpoint's (the disk routes keep every tensor's dtype)."""
+    than the checkpoint's (the disk routes keep every tensor's dtype). `model` replaces the
+    recipe's (validate --model)."""
     from surgery.models import load_config, resolve
     from surgery.recipes.steps import PatchStep
     from surgery.routes import plan_routes
@@ -232,10 +233,10 @@ def disk_steps(recipe: Recipe) -> list[Any]:
         if not isinstance(step, PatchStep):
             break
         lead.append(step)
-    source = resolve(recipe.model)
-    if not lead or source.kind == "hub":
+    model = model or recipe.model
+    if not lead or resolve(model).kind == "hub":
         return []
-    config = load_config(recipe.model)
+    config = load_config(model)
     stored = str(getattr(config, "dtype", None) or "").replace("torch.", "")
     if recipe.dtype not in ("auto", stored):
         return []
