@@ -86,6 +86,17 @@ def test_kl_settings_are_checked(teacher):
         assert message in result.output and "Traceback" not in result.output
 
 
+def test_a_heal_toward_itself_trains_at_zero_loss(teacher):
+    """run_finetune end to end (teacher statistics cached, each shuffled block matched to its own
+    row of them): a model distilled toward itself starts at KL 0 (with the rows of the statistics
+    rotated, this near-uniform tiny model would read 0.024). Later steps drift a little, because
+    Adam scales float-rounding gradients up to steps of ~lr."""
+    student, tok = surgery.load_model(str(teacher), dtype="float32")
+    settings = Finetune(method="full", loss="kl", max_steps=3, seq_len=SEQ, batch_size=2, learning_rate=1e-3)
+    losses = run_finetune(student, tok, settings, teacher=str(teacher))["losses"]
+    assert len(losses) == 3 and abs(losses[0]) < 1e-6 and max(losses) < 0.01, losses
+
+
 def test_kl_mix_weighs_the_two_losses(teacher):
     """With a student that differs from the teacher: w x KL + (1 - w) x the stock cross-entropy."""
     ids = blocks()
