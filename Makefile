@@ -24,6 +24,9 @@ setup: $(STAMP)
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
+test-all: $(STAMP)  # also the checks of minutes each (marked heavy)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q -m ""
+
 lint: $(STAMP)
 	$(BIN)/ruff check surgery tests bench
 	$(BIN)/ruff format --check surgery tests bench

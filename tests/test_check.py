@@ -242,7 +242,7 @@ def test_validate_warns_when_a_gate_reads_the_training_text(original, tmp_path):
 # ---------------------------------------------------------------- the embedded model
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_embedded_round_trip_passes_and_mean_mqa_fails(tmp_path, monkeypatch):
     monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
     model, tokenizer = surgery.load_model("smollm2", dtype="float32")

@@ -162,7 +162,7 @@ def test_aligned_needs_a_tokenizer():
         surgery.apply(tiny_model("llama"), "gqa", num_kv_heads=1, method="aligned")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_data_aware_pooling_beats_mean_on_the_embedded_model():
     ppl = make_eval("perplexity", lengths=[1024])  # held-out; calibration reads the train split
     runs = {

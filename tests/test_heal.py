@@ -161,7 +161,7 @@ def test_one_file_spelled_two_ways_is_one_source(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- the gate that catches forgetting
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_out_of_domain_gate_catches_a_heal_that_forgets_and_kl_passes(tmp_path, monkeypatch):
     """An original trained briefly on pydoc and docs; a hard heal (100 steps at 1e-2) on pydoc
     alone. On cross-entropy the model forgets docs (measured: perplexity 24.5 -> 31.6, +29%);
