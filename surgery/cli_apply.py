@@ -166,7 +166,7 @@ def apply_patch(
     dtype: str,
     load_weights: bool,
     params: dict[str, Any],
-    streaming: bool | None = False,
+    streaming: bool | None = None,
 ) -> None:
     from surgery.models import parse_dtype, resolve
     from surgery.patch import construct
