@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM
 import surgery
 from surgery.cli import main
 from surgery.errors import RecipeError
+from surgery.evaluate import make_eval
 from surgery.recipes import load_recipe, validate_data
 from surgery.recipes import runner as runner_module
 from surgery.recipes.report import labelled
@@ -259,43 +260,87 @@ def test_push_cli_never_shows_the_token(tiny_dir, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "is not a saved model" in bad.stderr
 
 
-def test_finetune_under_accelerate_with_two_processes(tiny_dir, tmp_path):
-    # accelerate's multi-process launcher (torchrun); without a GPU the processes train on CPU over gloo
-    steps = [HEAL, {"save": str(tmp_path / "saved")}]
-    path = write_recipe(tmp_path, tiny_dir, steps)
+def launch(recipe: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:
+    """`surgery run RECIPE` under accelerate's multi-process launcher (torchrun), 2 processes;
+    without a GPU they train on CPU over gloo."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--multi_gpu",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-    ]
-    cmd += [
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "surgery.cli",
-        "run",
-        str(path),
-        "--out",
-        str(tmp_path / "run"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", *flags, "--num_processes", "2", "--num_machines", "1"]
+    cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "surgery.cli", "run", str(recipe)]
+    proc = subprocess.run([*cmd, "--out", str(out)], env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_finetune_and_lm_eval_under_accelerate_with_two_processes(tiny_dir, tmp_path):
+    harness = {"eval": "harness", "tasks": ["surgery_cloze", "surgery_rolling"], "limit": 5}
+    steps = [harness, HEAL, {"save": str(tmp_path / "saved")}]
+    proc = launch(write_recipe(tmp_path, tiny_dir, steps), tmp_path / "run", "--multi_gpu")
     state = json.loads((tmp_path / "run" / "state.json").read_text())
-    assert len(state["finetunes"][0]["losses"]) == 4
+    assert len(state["finetunes"][0]["losses"]) == 4 and state["finetunes"][0]["parallel"] == "data"
     assert state["finetunes"][0]["tokens"] == 4 * 2 * 32 * 2  # two processes, each its own batches
-    assert proc.stdout.count("[1/2] finetune") == 1  # only the main process prints
+    assert proc.stdout.count("[2/3] finetune") == 1  # only the main process prints
+    # lm-eval split the documents over both processes; the metrics are those of one process
+    (result,) = [r for r in state["results"] if r["name"] == "harness"]
+    assert result["details"]["processes"] == 2
+    model, tokenizer = surgery.load_model(str(tiny_dir), dtype="float32")
+    alone = make_eval("harness", tasks=harness["tasks"], limit=5).run(model, tokenizer)
+    assert alone.details["processes"] == 1 and set(alone.metrics) == set(result["metrics"])
+    for key, value in alone.metrics.items():
+        assert result["metrics"][key] == pytest.approx(value, rel=1e-5), key
     before = load_file(tiny_dir / "model.safetensors")
     after = load_file(tmp_path / "saved" / "model.safetensors")
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".self_attn." in k for k in changed)
+
+
+@pytest.mark.parametrize(
+    "heal",
+    [
+        {"method": "full", "trainable": ["*.self_attn.*", "*norm*"]},
+        {"method": "lora", "target_modules": ["q_proj", "v_proj", "down_proj"]},
+    ],
+    ids=["full", "lora"],
+)
+def test_fsdp_finetune_equals_one_process_of_the_same_global_batch(heal, tmp_path):
+    # tied embeddings: the shared tensor is sharded once and gathered back into both names
+    source = tmp_path / "tiny"
+    surgery.save(tiny_model("llama", tie_word_embeddings=True), char_tokenizer(), source)
+    config = ROOT / "configs" / "accelerate" / "fsdp-8gpu.yaml"
+    runs = {}
+    for processes, batch in ((2, 2), (1, 4)):  # 2 x 2 sequences per step, and 4 in one process
+        settings = {
+            **heal,
+            "max_steps": 4,
+            "seq_len": 32,
+            "batch_size": batch,
+            "learning_rate": 1e-2,
+            "warmup_steps": 2,
+        }
+        saved = tmp_path / f"saved-{processes}"
+        recipe = write_recipe(tmp_path, source, [{"finetune": settings}, {"save": str(saved)}], f"r{processes}.yaml")
+        out = tmp_path / f"run-{processes}"
+        if processes == 2:  # the shipped 8-GPU FSDP config, on 2 CPU processes
+            proc = launch(recipe, out, "--config_file", str(config))
+            assert "sharded (FSDP)" in proc.stdout
+        else:
+            result = CliRunner().invoke(main, ["run", str(recipe), "--out", str(out)])
+            assert result.exit_code == 0, result.output
+        runs[processes] = (
+            json.loads((out / "state.json").read_text())["finetunes"][0],
+            load_file(saved / "model.safetensors"),
+        )
+    (sharded, fsdp_weights), (single, weights) = runs[2], runs[1]
+    assert (sharded["parallel"], sharded["processes"], single["parallel"]) == ("fsdp", 2, "none")
+    assert sharded["tokens"] == single["tokens"] == 4 * 4 * 32
+    # the same loss curve: gradients averaged over 2 x 2 sequences are those of the 4 together
+    assert torch.allclose(torch.tensor(sharded["losses"]), torch.tensor(single["losses"]), rtol=0, atol=1e-4)
+    original = load_file(source / "model.safetensors")
+    assert set(fsdp_weights) == set(weights) == set(original)  # a plain checkpoint: no adapter, no shard names
+    moved = max((weights[k] - original[k]).abs().max().item() for k in weights)
+    apart = max((weights[k] - fsdp_weights[k]).abs().max().item() for k in weights)
+    assert moved > 1e-2 and apart < 1e-4, (moved, apart)  # trained, and to the same weights within float error
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved-2")  # stock transformers loads it
+    assert torch.equal(reloaded.lm_head.weight, reloaded.model.embed_tokens.weight)
 
 
 def test_a_model_that_does_not_load_leaves_nothing(tmp_path):

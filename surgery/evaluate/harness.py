@@ -5,7 +5,8 @@ patched model's `max_position_embeddings`; lm-eval would otherwise read a possib
 and left-truncate silently). Any lm-eval task name passes through for users with datasets. Two
 offline tasks ship with the package, built from the held-out part of the default text, so they
 need no network: `surgery_cloze` (last-word prediction, LAMBADA style) and `surgery_rolling`
-(rolling log-likelihood: word/byte perplexity, bits per byte)."""
+(rolling log-likelihood: word/byte perplexity, bits per byte). Under `accelerate launch` the
+documents are split across the processes."""
 
 from __future__ import annotations
 
@@ -101,11 +102,40 @@ LOWER_IS_BETTER = ("perplexity", "word_perplexity", "byte_perplexity", "bits_per
 
 
 def make_lm(model: torch.nn.Module, tokenizer: Any, max_length: int | None = None, batch_size: int = 1):
-    """`HFLM` around an in-memory model, with the tokenizer and an explicit max_length."""
+    """`HFLM` around an in-memory model, with the tokenizer and an explicit max_length. Under
+    `accelerate launch` with several processes it is data-parallel: lm-eval leaves distribution to
+    the caller for a model passed as an object, so each process is given its rank, and lm-eval
+    splits the documents across them and gathers the results on the first."""
     from lm_eval.models.huggingface import HFLM
 
     length = max_length or model.config.get_text_config().max_position_embeddings
-    return HFLM(pretrained=model, tokenizer=tokenizer, max_length=length, batch_size=batch_size)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=length, batch_size=batch_size)
+    processes = distributed()
+    if processes is not None:
+        lm.accelerator, lm._rank, lm._world_size = processes, processes.process_index, processes.num_processes
+    return lm
+
+
+def distributed() -> Any:
+    """The Accelerator of a multi-process launch, or None in one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=not torch.cuda.is_available())
+
+
+def share(result: Any) -> Any:
+    """lm-eval's results, which only the first process holds, on every process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return result
+    box = [result]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 @register
@@ -156,6 +186,7 @@ class Harness(Eval):
             raise SurgeryError(
                 f"harness: unknown lm-eval task ({err}); surgery ships {', '.join(OFFLINE_TASKS)}"
             ) from None
+        out = share(out)
         metrics: dict[str, float] = {}
         for task, values in out["results"].items():
             for key, value in values.items():
@@ -168,4 +199,5 @@ class Harness(Eval):
                     continue
                 suffix = "" if filt in ("", "none") else f"_{filt}"
                 metrics[f"{task}.{metric}{suffix}"] = float(value)
-        return metrics, {"versions": out.get("versions", {}), "n_samples": out.get("n-samples", {})}
+        details = {"versions": out.get("versions", {}), "n_samples": out.get("n-samples", {})}
+        return metrics, {**details, "processes": lm.world_size}

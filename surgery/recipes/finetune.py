@@ -10,15 +10,23 @@ teacher's behaviour on it, which carries to text it never saw.
 
 The same code runs in one process or under `accelerate launch` with several: the Accelerator
 shards the data, wraps the model for data parallelism and averages gradients; losses are gathered
-so every process logs the same curve. Data comes from the train part of a text source only, so a
-held-out evaluation never sees what the heal trained on."""
+so every process logs the same curve. Under an FSDP config (fsdp_version 2) the model is sharded
+across the processes instead: a copy of it is trained sharded, and its full weights are gathered
+back into the plain model tensor by tensor, so the next steps and the saved checkpoint see a plain
+transformers model. accelerate turns FSDP on only on accelerators; on CPU (gloo) this module turns
+it on itself, so the sharded code path is the one the tests run. Data comes from the train part of
+a text source only, so a held-out evaluation never sees what the heal trained on."""
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import fnmatch
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -182,8 +190,9 @@ def train_steps(
                 stats = {k: v[index.cpu()].to(ids.device) for k, v in teacher.items()} if teacher else None
                 loss = batch_loss(wrapped, ids, stats, settings)
                 accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
+                optimizer.step()  # skipped by accelerate until the last micro-batch of the step
+                if accelerator.sync_gradients:
+                    scheduler.step()  # once per optimizer step, whatever the number of processes
                 optimizer.zero_grad()
             step_loss += loss.detach() / settings.grad_accum
         losses.append(accelerator.gather(step_loss[None]).mean().item())
@@ -218,20 +227,75 @@ def teacher_stats(blocks: torch.Tensor, settings: Finetune, teacher: str | None,
     return reference_topk(teacher, blocks, settings.top_k, dtype, vocab, note=f"finetune {settings.text}")
 
 
+@contextlib.contextmanager
+def make_accelerator(settings: Finetune) -> Iterator[Any]:
+    """The Accelerator of one finetune. Under `accelerate launch` with an FSDP config on CPU
+    processes, where accelerate itself would fall back to plain data parallelism, FSDP is turned
+    on from the same config for the finetune (and off after it), so CPU runs shard exactly as
+    accelerator runs do."""
+    from accelerate import Accelerator, FullyShardedDataParallelPlugin
+    from accelerate.utils import DistributedType
+
+    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not torch.cuda.is_available())
+    state = accelerator.state
+    fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    on_cpu = fsdp_asked and state.distributed_type == DistributedType.MULTI_CPU
+    if on_cpu:
+        state.distributed_type = DistributedType.FSDP
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launcher's FSDP_* settings
+    try:
+        if state.distributed_type == DistributedType.FSDP and state.fsdp_plugin.fsdp_version != 2:
+            raise SurgeryError(
+                "finetune under FSDP needs fsdp_version: 2 in the accelerate config (or --fsdp_version 2); "
+                "see configs/accelerate/fsdp-8gpu.yaml"
+            )
+        yield accelerator
+    finally:
+        accelerator.free_memory()
+        if on_cpu:
+            state.distributed_type, state.fsdp_plugin = DistributedType.MULTI_CPU, None
+
+
+def is_sharded(accelerator: Any) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.state.distributed_type == DistributedType.FSDP
+
+
+@torch.no_grad()
+def gather_full(wrapped: torch.nn.Module, target: torch.nn.Module) -> None:
+    """Copy the trained weights of an FSDP2-sharded module into `target`, a plain module of the same
+    structure, one tensor at a time on every process (peak: one full tensor beyond the shards)."""
+    from torch.distributed.tensor import DTensor
+
+    into = target.state_dict()
+    for name, value in wrapped.state_dict().items():
+        full = value.full_tensor() if isinstance(value, DTensor) else value
+        into[name].copy_(full)
+
+
 def run_finetune(
     model: torch.nn.Module, tokenizer: Any, settings: Finetune, seed: int = 0, teacher: str | None = None
 ) -> dict[str, Any]:
-    """Train `model` in place; returns {"losses", "seconds", "tokens", "trainable"}. LoRA adapters
+    """Train `model` in place; returns {"losses", "seconds", "tokens", "trainable", "processes",
+    "parallel" (none, data or fsdp)}. LoRA adapters
     are merged and removed afterwards, so `model` stays a plain transformers model; every
     parameter's requires_grad flag and the train/eval mode are restored. With loss kl the teacher
     is `settings.teacher`, else `teacher` (a recipe passes its starting model)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     if tokenizer is None:
         raise SurgeryError("finetune needs the model's tokenizer to read its training text")
     seed = settings.seed if settings.seed is not None else seed
-    accelerator = Accelerator(gradient_accumulation_steps=settings.grad_accum, cpu=not torch.cuda.is_available())
+    with make_accelerator(settings) as accelerator:
+        return train_model(accelerator, model, tokenizer, settings, seed, teacher)
+
+
+def train_model(
+    accelerator: Any, model: torch.nn.Module, tokenizer: Any, settings: Finetune, seed: int, teacher: str | None
+) -> dict[str, Any]:
+    """run_finetune's body, on `accelerator`."""
+    from accelerate.utils import set_seed
+
+    sharded = is_sharded(accelerator)
     set_seed(seed)
     blocks = used_blocks(
         token_blocks(tokenizer, settings.text, settings.seq_len), settings, accelerator.num_processes, seed
@@ -248,24 +312,39 @@ def run_finetune(
     was_training = model.training
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     trainable_model, trainable = attach_trainable(model, settings)
-    params = [p for p in trainable_model.parameters() if p.requires_grad]
+    # FSDP rewrites the module it shards (parameters become shards), so it shards a copy
+    training = copy.deepcopy(trainable_model) if sharded else trainable_model
+    params = [p for p in training.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    # stepped by train_steps once per optimizer step: accelerate's prepared scheduler would step once
+    # per process, running the warm-up and decay faster the more processes there are
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(settings.warmup_steps, settings.max_steps))
-    trainable_model.train()
-    wrapped, optimizer, loader, scheduler = accelerator.prepare(trainable_model, optimizer, loader, scheduler)
+    training.train()
+    wrapped, optimizer, loader = accelerator.prepare(training, optimizer, loader)
     start = time.perf_counter()
     losses = train_steps(accelerator, wrapped, optimizer, scheduler, loader, settings, stats)
     seconds = time.perf_counter() - start
 
-    unwrapped = accelerator.unwrap_model(wrapped)
+    if sharded:  # else the model was trained in place
+        gather_full(wrapped, trainable_model)
+        del wrapped, optimizer, training
     if settings.method == "lora":
-        unwrapped.merge_and_unload()  # the LoRA layers of `model` are replaced by merged Linears in place
+        trainable_model.merge_and_unload()  # the LoRA layers of `model` are replaced by merged Linears in place
     for name, p in model.named_parameters():
         p.requires_grad_(flags.get(name, True))
     model.train(was_training)
-    accelerator.free_memory()
     tokens = (
         settings.max_steps * settings.grad_accum * settings.batch_size * settings.seq_len * accelerator.num_processes
     )
-    log.info("finetune: %d steps, loss %.3f -> %.3f, %.0f s", settings.max_steps, losses[0], losses[-1], seconds)
-    return {"losses": losses, "seconds": seconds, "tokens": tokens, "trainable": trainable}
+    if accelerator.is_main_process:
+        log.info("finetune: %d steps, loss %.3f -> %.3f, %.0f s", settings.max_steps, losses[0], losses[-1], seconds)
+    processes = accelerator.num_processes
+    parallel = "fsdp" if sharded else "data" if processes > 1 else "none"
+    return {
+        "losses": losses,
+        "seconds": seconds,
+        "tokens": tokens,
+        "trainable": trainable,
+        "processes": processes,
+        "parallel": parallel,
+    }

@@ -220,9 +220,11 @@ class FinetuneStep(Step):
         heal = f"{self.payload.method} heal" + (" (kl)" if self.payload.loss == "kl" else "")
         ctx.state.finetunes.append({"step": self.index, "label": f"{heal}, {self.payload.max_steps} steps", **result})
         ctx.state.changes.append(heal)
+        where = {"fsdp": ", sharded (FSDP)", "data": ", data-parallel"}.get(result["parallel"], "")
+        processes = f" over {result['processes']} processes{where}" if result["processes"] > 1 else ""
         ctx.say(
             f"    loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps, "
-            f"{result['tokens']:,} tokens, {result['seconds']:.0f} s"
+            f"{result['tokens']:,} tokens, {result['seconds']:.0f} s{processes}"
         )
         return True
 
