@@ -10,6 +10,9 @@ written."""
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -52,6 +55,41 @@ def read_json(path: Path, what: str = "") -> dict[str, Any]:
     return data
 
 
+@functools.cache
+def generated_model_types() -> frozenset[str]:
+    """The model types of transformers' generated table (models/auto/auto_mappings.py), read
+    without importing transformers (whose config module imports torch, seconds); empty when this
+    transformers has no such file."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    path = Path(spec.submodule_search_locations[0]) / "models" / "auto" / "auto_mappings.py"
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (OSError, SyntaxError, ValueError):
+        return frozenset()
+    for node in tree.body:
+        if (
+            isinstance(node, ast.Assign)
+            and [getattr(t, "id", None) for t in node.targets] == ["CONFIG_MAPPING_NAMES"]
+            and isinstance(node.value, ast.Call)
+            and node.value.args
+        ):
+            try:
+                return frozenset(name for name, _ in ast.literal_eval(node.value.args[0]))
+            except (ValueError, TypeError, SyntaxError):
+                return frozenset()
+    return frozenset()
+
+
+def known_model_type(model_type: Any) -> bool:
+    """Whether transformers has its own config class for `model_type`: the generated table first
+    (no torch), then transformers' full mapping, which adds a few types by hand."""
+    if not isinstance(model_type, str):
+        return False
+    return model_type in generated_model_types() or model_type in known_model_types()
+
+
 def known_model_types() -> set[str]:
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
@@ -63,7 +101,7 @@ def check_config(directory: Path) -> dict[str, Any]:
     by running code shipped with it."""
     config = read_json(directory / "config.json", "a checkpoint's config.json must be a JSON object")
     model_type = config.get("model_type")
-    if model_type in known_model_types():
+    if known_model_type(model_type):
         return config  # auto_map, if any, is ignored: transformers' own class is used
     if config.get("auto_map"):
         target = next(iter(config["auto_map"].values()), "?")

@@ -101,10 +101,15 @@ def list_patches(as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect_cmd(model: str, context: str, batch: int, kv_dtype: str | None, as_json: bool) -> None:
     """Describe MODEL from its config alone (no weights are read)."""
-    from surgery.info import inspect, parse_length, render
+    from surgery.info import inspect, local_description, parse_length, render
+    from surgery.models import resolve
 
     contexts = tuple(parse_length(c) for c in context.split(",") if c.strip())
-    info = inspect(surgery.load_config(model), contexts, batch, kv_dtype)
+    source = resolve(model)
+    config, parameters = local_description(Path(source.location)) if source.kind == "dir" else (None, None)
+    if config is None or parameters is None:  # a hub id, a gguf, an old config, or no weights: transformers reads it
+        config = surgery.load_config(model)
+    info = inspect(config, contexts, batch, kv_dtype, parameters)
     click.echo(info.model_dump_json(indent=2) if as_json else render(info))
 
 

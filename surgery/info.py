@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import re
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
@@ -16,6 +18,7 @@ from surgery.arch import (
     layer_windows,
     text_config,
 )
+from surgery.checkpoint import check_config, weight_files
 from surgery.errors import SurgeryError
 from surgery.lazy import torch
 from surgery.patch import history
@@ -71,6 +74,79 @@ def attention_kind(query: int, kv: int) -> str:
     return "MQA" if kv == 1 else f"GQA-{query // kv}"
 
 
+class ConfigData:
+    """A local config.json read as data, with the normalizations transformers' config classes apply
+    to the fields `inspect` reads (legacy RoPE keys, a disabled sliding window, the text part of a
+    multimodal config), so a checkpoint is described without importing torch or transformers.
+    Tested field by field against transformers' own configs."""
+
+    def __init__(self, data: dict[str, Any], text: ConfigData | None = None) -> None:
+        self._data = data
+        self._text = text
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.__dict__["_data"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def get_text_config(self) -> ConfigData:
+        return self._text or self
+
+    @classmethod
+    def read(cls, data: dict[str, Any]) -> ConfigData | None:
+        """The config as data, or None where reading it needs the config class."""
+        nested = data.get("text_config")
+        if isinstance(nested, dict):
+            text = normalized(nested)
+            return cls(dict(data), cls(text)) if text is not None else None
+        flat = normalized(data)
+        return cls(flat) if flat is not None else None
+
+
+def normalized(data: dict[str, Any]) -> dict[str, Any] | None:
+    """`data` with transformers' normalizations, or None where only the config class could say."""
+    out = dict(data)
+    if "dtype" not in out and "torch_dtype" in out:
+        out["dtype"] = out["torch_dtype"]
+    if out.get("use_sliding_window") is False:
+        out["sliding_window"] = None
+    pattern = out.get("sliding_window_pattern")
+    if not out.get("layer_types") and isinstance(pattern, int) and pattern > 0 and out.get("sliding_window"):
+        # every pattern-th layer attends in full, the others slide (gemma 2 and 3 before layer_types)
+        layers = out.get("num_hidden_layers", 0)
+        out["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if "rope_parameters" not in out:
+        if "rope_theta" not in out or out.keys() & LEGACY_ROPE_EXTRAS:
+            return None  # the class's default theta, or a layout only its class knows
+        scaling = dict(out.get("rope_scaling") or {})
+        kind = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+        scaling.pop("type", None)
+        out["rope_parameters"] = {**scaling, "rope_type": kind, "rope_theta": out["rope_theta"]}
+    return out
+
+
+# legacy keys that transformers folds into rope_parameters in ways particular to one class
+LEGACY_ROPE_EXTRAS = {"rope_local_base_freq", "partial_rotary_factor", "rope_parameters_sliding"}
+
+
+def local_description(directory: Path) -> tuple[ConfigData | None, int | None]:
+    """(the config of a local checkpoint as data, or None where only transformers' config class
+    can read it; its parameter count from the safetensors headers, or None when it has no
+    weights): no tensor is read and nothing heavy is imported."""
+    config = check_config(directory)
+    headers = weight_files(directory, required=False)
+    count = None
+    if headers:
+        count = sum(
+            math.prod(entry["shape"])
+            for header in headers.values()
+            for name, entry in header.items()
+            if name != "__metadata__"
+        )
+    return ConfigData.read(config), count
+
+
 def count_parameters(config: Any) -> int:
     """Parameters of the model built on the meta device (tied weights counted once)."""
     from transformers import AutoModelForCausalLM
@@ -81,10 +157,12 @@ def count_parameters(config: Any) -> int:
 
 
 def architecture(config: Any) -> str:
+    named = getattr(config, "architectures", None)
+    if named:
+        return named[0]
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    named = getattr(config, "architectures", None)
-    return named[0] if named else MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, type(config).__name__)
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, type(config).__name__)
 
 
 def default_kv_dtype(config: Any) -> str:
@@ -94,9 +172,14 @@ def default_kv_dtype(config: Any) -> str:
 
 
 def inspect(
-    config: Any, contexts: tuple[int, ...] = DEFAULT_CONTEXTS, batch: int = 1, kv_dtype: str | None = None
+    config: Any,
+    contexts: tuple[int, ...] = DEFAULT_CONTEXTS,
+    batch: int = 1,
+    kv_dtype: str | None = None,
+    parameters: int | None = None,
 ) -> ModelInfo:
-    """Describe a config: shape, attention kind, RoPE, parameters and KV-cache size by context."""
+    """Describe a config: shape, attention kind, RoPE, parameters and KV-cache size by context.
+    `parameters` defaults to the count of the model built from the config on the meta device."""
     kv_dtype = kv_dtype or default_kv_dtype(config)
     if kv_dtype not in KV_DTYPE_BYTES:
         raise SurgeryError(f"unknown KV dtype '{kv_dtype}'; choose from {', '.join(KV_DTYPE_BYTES)}")
@@ -119,7 +202,7 @@ def inspect(
         sliding_layers=len(windows),
         rope=dict(getattr(text, "rope_parameters", None) or {}),
         max_position_embeddings=text.max_position_embeddings,
-        parameters=count_parameters(config),
+        parameters=parameters if parameters is not None else count_parameters(config),
         kv_dtype=kv_dtype,
         batch=batch,
         kv_bytes_per_token=kv_bytes_per_token(config, nbytes) * batch,

@@ -133,13 +133,19 @@ sys.exit(1 if failed else 0)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize(
-    "args", [["--help"], ["list"], ["validate", "recipes/smollm2-mqa-heal.yaml"], ["apply", "yarn", "--help"]]
-)
-def test_the_quick_commands_import_neither_torch_nor_transformers(args):
-    """`surgery --help`, `list` and `validate` (no --model) start in about a second: torch and
-    transformers (seconds each) are bound lazily (surgery.lazy) and loaded by the commands that
-    touch a tensor or a config."""
+QUICK = [["--help"], ["list"], ["validate", "recipes/smollm2-mqa-heal.yaml"], ["apply", "yarn", "--help"], ["inspect"]]
+
+
+@pytest.mark.parametrize("args", QUICK, ids=lambda a: " ".join(a))
+def test_the_quick_commands_import_neither_torch_nor_transformers(args, tmp_path):
+    """`surgery --help`, `list`, `validate` (no --model) and `inspect` of a local checkpoint start
+    in about a second: torch and transformers (seconds each) are bound lazily (surgery.lazy) and
+    loaded by the commands that touch a tensor or need a config class."""
+    if args == ["inspect"]:
+        from tests.conftest import tiny_model
+
+        tiny_model("qwen2").save_pretrained(tmp_path)
+        args = ["inspect", str(tmp_path)]
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "surgery.cli", *args],
         capture_output=True,
@@ -150,4 +156,7 @@ def test_the_quick_commands_import_neither_torch_nor_transformers(args):
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "transformers", "scipy", "accelerate", "peft"))
     assert heavy == [], heavy[:10]
-    assert "surgery.patches.rope" in imported and "surgery.evaluate.ruler" in imported  # the registries did load
+    if args[0] == "inspect":
+        assert "GQA-2" in result.stdout and "(90,688)" in result.stdout, result.stdout
+    else:
+        assert "surgery.patches.rope" in imported and "surgery.evaluate.ruler" in imported  # the registries loaded

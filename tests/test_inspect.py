@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import save_file
 
 import surgery
 from surgery.arch import kv_cache_bytes
+from surgery.cli import main
 from surgery.errors import SurgeryError
-from surgery.info import inspect, parse_length
-from tests.conftest import tiny_config
+from surgery.info import count_parameters, inspect, local_description, parse_length
+from tests.conftest import tiny_config, tiny_model
 
 CONFIGS = Path(__file__).parent / "fixtures" / "configs"
 KiB, MiB, GiB = 1024, 1024**2, 1024**3
@@ -98,3 +103,63 @@ def test_parse_length_rejects(bad):
 def test_unknown_kv_dtype_is_refused():
     with pytest.raises(SurgeryError, match="unknown KV dtype 'int3'"):
         info("llama-3-8b", kv_dtype="int3")
+
+
+def described_both_ways(directory: Path, parameters: int | None = None):
+    """inspect of a local checkpoint read as data (no torch) and through transformers' config."""
+    config, counted = local_description(directory)
+    parameters = counted if parameters is None else parameters
+    assert config is not None
+    return inspect(config, parameters=parameters), inspect(surgery.load_config(str(directory)), parameters=parameters)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_reading_config_json_as_data_agrees_with_transformers(arch, tied, tmp_path):
+    model = tiny_model(arch, tie_word_embeddings=tied)
+    model.config.dtype = "bfloat16"  # what the KV size defaults to
+    model.save_pretrained(tmp_path)
+    fast, slow = described_both_ways(tmp_path)
+    assert fast == slow
+    # the safetensors headers hold each parameter once: the count transformers builds on meta
+    assert fast.parameters == count_parameters(model.config) == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.iterdir() if p.name != "llama-2-7b"))
+def test_public_config_files_read_as_data_agree_with_transformers(name, tmp_path):
+    # legacy rope_theta/rope_scaling keys, torch_dtype, a disabled sliding window (qwen2.5)
+    shutil.copy(CONFIGS / name / "config.json", tmp_path / "config.json")
+    save_file({"x": torch.zeros(3, 7)}, tmp_path / "model.safetensors")
+    fast, slow = described_both_ways(tmp_path)
+    assert fast.parameters == 21
+    assert fast == slow
+
+
+def test_a_config_only_its_class_can_read_goes_through_transformers(tmp_path):
+    # Llama-2's config has no rope_theta: the default is the class's, so transformers reads it
+    shutil.copy(CONFIGS / "llama-2-7b" / "config.json", tmp_path / "config.json")
+    save_file({"x": torch.zeros(3, 7)}, tmp_path / "model.safetensors")
+    assert local_description(tmp_path) == (None, 21)
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["rope"] == {"rope_theta": 10000.0, "rope_type": "default"}
+
+
+def test_a_sliding_window_pattern_without_layer_types_reads_as_transformers_does(tmp_path):
+    config = tiny_config("gemma3").to_dict()
+    del config["layer_types"]
+    config.update(num_hidden_layers=7, sliding_window_pattern=3)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    fast, slow = described_both_ways(tmp_path)
+    assert fast == slow and fast.sliding_layers == 5  # layers 3 and 6 attend in full
+
+
+def test_a_multimodal_config_is_described_by_its_text_part(tmp_path):
+    import transformers as tf
+
+    text = tiny_config("gemma3").to_dict()
+    config = tf.Gemma3Config(text_config=text, vision_config={"hidden_size": 32, "num_hidden_layers": 1})
+    config.save_pretrained(tmp_path)
+    save_file({"x": torch.zeros(1)}, tmp_path / "model.safetensors")
+    fast, slow = described_both_ways(tmp_path)
+    assert fast == slow and fast.layers == 2 and fast.kv_heads == 2

@@ -262,16 +262,16 @@ def is_sharded(accelerator: Any) -> bool:
     return accelerator.state.distributed_type == DistributedType.FSDP
 
 
-@torch.no_grad()
 def gather_full(wrapped: torch.nn.Module, target: torch.nn.Module) -> None:
     """Copy the trained weights of an FSDP2-sharded module into `target`, a plain module of the same
     structure, one tensor at a time on every process (peak: one full tensor beyond the shards)."""
     from torch.distributed.tensor import DTensor
 
     into = target.state_dict()
-    for name, value in wrapped.state_dict().items():
-        full = value.full_tensor() if isinstance(value, DTensor) else value
-        into[name].copy_(full)
+    with torch.no_grad():
+        for name, value in wrapped.state_dict().items():
+            full = value.full_tensor() if isinstance(value, DTensor) else value
+            into[name].copy_(full)
 
 
 def run_finetune(
