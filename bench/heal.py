@@ -31,6 +31,14 @@ VARIANTS: dict[str, dict | None] = {
     "kl": {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc", "loss": "kl"},
     "kl + ce": {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc", "loss": "kl", "kl_weight": 0.5},
     "kl mix": {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc+docs", "loss": "kl"},
+    "fit mix, kl mix": {
+        **ATTENTION,
+        "max_steps": 200,
+        "learning_rate": 1e-3,
+        "text": "pydoc+docs",
+        "loss": "kl",
+        "fit": "pydoc+docs",
+    },
     "lora kl": {
         "method": "lora",
         "lora_r": 64,
@@ -50,6 +58,7 @@ SHORT = {
     "kl + ce": "full attention, kl 0.5 + ce 0.5, pydoc",
     "kl mix": "full attention, kl, pydoc+docs",
     "lora kl": "LoRA r64 on q/k/v/o, kl, pydoc",
+    "fit mix, kl mix": "fitted on pydoc+docs; full attention, kl, pydoc+docs",
 }
 
 
@@ -77,19 +86,20 @@ def main() -> None:
         model, tok = surgery.load_model(ORIGINAL, dtype="float32")
         rows["original"] = {"ppl": measure(model, tok, args.length, args.samples), "seconds": 0, "trained": []}
         del model
-    fitted = args.out / "fitted"
-    if not (fitted / "config.json").is_file():
-        model, tok = surgery.load_model(ORIGINAL, dtype="float32")
-        start = time.perf_counter()
-        surgery.apply(model, "mqa", tokenizer=tok, method="fitted")
-        surgery.save(model, tok, fitted, base_model=ORIGINAL, force=True)
-        rows["fit seconds"] = time.perf_counter() - start
-        del model
     for name in args.variants:
-        settings = VARIANTS[name]
+        settings = dict(VARIANTS[name] or {})
+        fit = settings.pop("fit", "pydoc")
+        fitted = args.out / ("fitted" if fit == "pydoc" else f"fitted-{fit}")
+        if not (fitted / "config.json").is_file():
+            model, tok = surgery.load_model(ORIGINAL, dtype="float32")
+            start = time.perf_counter()
+            surgery.apply(model, "mqa", tokenizer=tok, method="fitted", calibration_text=fit)
+            surgery.save(model, tok, fitted, base_model=ORIGINAL, force=True)
+            rows[f"fit seconds ({fit})"] = time.perf_counter() - start
+            del model
         model, tok = surgery.load_model(str(fitted), dtype="float32")
-        seconds, trained = 0.0, ["pydoc"]  # the fit calibrates on pydoc
-        if settings is not None:
+        seconds, trained = 0.0, sorted(components(fit))  # the fit calibrates on its text
+        if settings:
             torch.manual_seed(0)
             result = run_finetune(model, tok, Finetune(**settings), seed=0, teacher=ORIGINAL)
             seconds = result["seconds"]
@@ -109,7 +119,7 @@ def main() -> None:
         "| original | " + " | ".join(f"{base[d]:.2f}" for d in DOMAINS) + " | 0 | |",
     ]
     for name, row in rows.items():
-        if name in ("original", "fit seconds"):
+        if name == "original" or name.startswith("fit seconds"):
             continue
         cells = [
             f"{row['ppl'][d]:.2f} (x{row['ppl'][d] / base[d]:.2f}{', in' if d in row['trained'] else ''})"

@@ -154,6 +154,33 @@ def save(
     return out
 
 
+def save_from_disk(
+    src: Path,
+    out: str | Path,
+    *,
+    base_model: str | None = None,
+    force: bool = False,
+    card_extra: str = "",
+    files: dict[str, str] | None = None,
+    sources: Iterable[str | Path] = (),
+    run: dict[str, Any] | None = None,
+) -> Path:
+    """`save` of a checkpoint that is already on disk (a stage of surgery's own), without loading
+    it: weight and tokenizer files cloned, config and metadata rewritten as `save` writes them."""
+    from transformers import AutoConfig
+
+    out, src = Path(out), Path(src)
+    config = AutoConfig.from_pretrained(src, local_files_only=True, trust_remote_code=False)
+    with atomic_dir(out, force, [*sources, src]) as tmp:
+        copy_unchanged(src, tmp)
+        config.save_pretrained(tmp)
+        write_metadata(tmp, config, base_model, card_extra, run)
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text)
+    log.info("saved %s (from %s, not loaded)", out, src)
+    return out
+
+
 def apply_config_only(
     patch: Patch,
     src: Path,

@@ -284,6 +284,12 @@ def start(
     import surgery
 
     source = str(partial / state.checkpoint) if state.checkpoint else recipe.model
+    rest = recipe.compiled[state.completed :]
+    if state.checkpoint and not any(step.needs_model for step in rest):  # save and push clone it
+        say(f"not loading {source}: the remaining steps read it on disk")
+        if main and not opened:
+            open_partial(recipe, partial, state, resume)
+        return RunContext(recipe, None, None, state, say, main, api, on_disk=Path(source))
     after = "after the steps on disk" if opened else f"resuming after step {state.completed}"
     say(f"loading {source}" + (f" ({after})" if resume else ""))
     model, tokenizer = surgery.load_model(source, dtype=recipe.dtype, device=recipe.device)  # fails: no state left

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -66,10 +67,11 @@ class RunContext:
     """What a running step may read and change."""
 
     recipe: Any
-    model: torch.nn.Module
+    model: torch.nn.Module | None  # None while the model stays on disk (only save and push remain)
     tokenizer: Any
     state: RunState
     say: Callable[[str], None]
     main: bool  # only the main process writes files
     api: Any = None  # the Hub API (tests inject a local one)
     sources: list[Any] = dataclasses.field(default_factory=list)  # what the recipe's model is read from
+    on_disk: Path | None = None  # the checkpoint the steps read when the model is not loaded

@@ -62,6 +62,7 @@ class Step(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
     verb: ClassVar[str]
+    needs_model: ClassVar[bool] = True  # False: runs on results or on the checkpoint on disk
     index: int
 
     @classmethod

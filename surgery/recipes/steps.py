@@ -232,6 +232,7 @@ class FinetuneStep(Step):
 class GateStep(Step):
     verb: ClassVar[str] = "gate"
     kind: Literal["gate"] = "gate"
+    needs_model: ClassVar[bool] = False
     payload: list[Gate]
 
     @classmethod
@@ -282,6 +283,7 @@ class SaveSettings(BaseModel):
 class SaveStep(Step):
     verb: ClassVar[str] = "save"
     kind: Literal["save"] = "save"
+    needs_model: ClassVar[bool] = False  # a checkpoint on disk is cloned
     payload: SaveSettings
 
     @classmethod
@@ -303,13 +305,11 @@ class SaveStep(Step):
 
     def run(self, ctx: RunContext) -> bool:
         import surgery
+        from surgery.hub import save_from_disk
 
         path, state = self.payload.path, ctx.state
         if ctx.main:
-            surgery.save(
-                ctx.model,
-                ctx.tokenizer,
-                path,
+            how = dict(
                 base_model=ctx.recipe.model,
                 # a resumed run replaces what it wrote itself before a kill, and nothing else
                 force=self.payload.force or run_of(Path(path)).get("id") == state.run_id,
@@ -318,6 +318,10 @@ class SaveStep(Step):
                 sources=ctx.sources,
                 run=stamp(state, step=self.index),
             )
+            if ctx.model is None:  # the steps so far ran on disk: their checkpoint is cloned
+                save_from_disk(ctx.on_disk, path, **how)
+            else:
+                surgery.save(ctx.model, ctx.tokenizer, path, **how)
         state.saved.append(path)
         ctx.say(f"    saved {path}")
         return False
@@ -335,6 +339,7 @@ class PushSettings(BaseModel):
 class PushStep(Step):
     verb: ClassVar[str] = "push"
     kind: Literal["push"] = "push"
+    needs_model: ClassVar[bool] = False
     payload: PushSettings
 
     @classmethod
