@@ -4,8 +4,8 @@ batch: a small random Llama and the character tokenizer, full fine-tuning of eve
 
     python bench/fsdp.py [--steps 20] [--hidden 256] [--layers 4] [--seq-len 128] [--batch 8]
 
-For the record: on a 2-core machine two processes share the cores one process already uses, so
-this shows the cost of sharding (gathers, reduce-scatters), not a speed-up. Each run's time is the
+For the record: every process runs one thread, so two processes use two cores where one uses
+one; the FSDP row against the data-parallel row is the cost of sharding (gathers, reduce-scatters). Each run's time is the
 finetune's own (state.json), not process start-up."""
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ CONFIG = ROOT / "configs" / "accelerate" / "fsdp-8gpu.yaml"
 
 def build(path: Path, hidden: int, layers: int) -> None:
     sys.path.insert(0, str(ROOT))
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import surgery
@@ -41,6 +42,7 @@ def build(path: Path, hidden: int, layers: int) -> None:
         eos_token_id=2,
         pad_token_id=0,
     )
+    torch.manual_seed(0)
     surgery.save(LlamaForCausalLM(config), char_tokenizer(), path)
 
 
@@ -49,11 +51,7 @@ def run(work: Path, model: Path, name: str, batch: int, args: argparse.Namespace
     recipe = work / f"{name}.yaml"
     recipe.write_text(json.dumps({"model": str(model), "dtype": "float32", "seed": 0, "steps": [{"finetune": heal}]}))
     out = work / name
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "OMP_NUM_THREADS": "1" if launch else os.environ.get("OMP_NUM_THREADS", "2"),
-    }
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # one thread per process
     tail = ["-m", "surgery.cli", "run", str(recipe), "--out", str(out)]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launch, *tail] if launch else [sys.executable, *tail]
     subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
