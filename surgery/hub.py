@@ -147,11 +147,23 @@ def save(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        write_metadata(tmp, model.config, base_model, card_extra, run)
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
+        finish(tmp, model.config, base_model, card_extra, run, files)
     log.info("saved %s", out)
     return out
+
+
+def finish(
+    tmp: Path,
+    config: Any,
+    base_model: str | None,
+    card_extra: str,
+    run: dict[str, Any] | None,
+    files: dict[str, str] | None,
+) -> None:
+    """What every save writes beside the weights: metadata, model card, and the given files."""
+    write_metadata(tmp, config, base_model, card_extra, run)
+    for name, text in (files or {}).items():
+        (tmp / name).write_text(text)
 
 
 def save_from_disk(
@@ -174,9 +186,7 @@ def save_from_disk(
     with atomic_dir(out, force, [*sources, src]) as tmp:
         copy_unchanged(src, tmp)
         config.save_pretrained(tmp)
-        write_metadata(tmp, config, base_model, card_extra, run)
-        for name, text in (files or {}).items():
-            (tmp / name).write_text(text)
+        finish(tmp, config, base_model, card_extra, run, files)
     log.info("saved %s (from %s, not loaded)", out, src)
     return out
 
