@@ -237,6 +237,14 @@ def test_validate_warns_when_a_gate_reads_the_training_text(original, tmp_path):
     steps[2]["text"] = "docs"
     path.write_text(yaml.safe_dump({"model": str(original), "steps": steps}))
     assert "warning" not in CliRunner().invoke(main, ["validate", str(path)]).output
+    # an in-domain gate beside one on text no step trained on (the shipped MQA heal's shape)
+    steps[2]["text"] = "pydoc"
+    steps[3:] = [
+        {"eval": "divergence", "text": "licenses", "length": 64, "samples": 1},
+        {"gate": ["perplexity.ppl@64:max=1000", "divergence.licenses.ppl_ratio@64:max=6"]},
+    ]
+    path.write_text(yaml.safe_dump({"model": str(original), "steps": steps}))
+    assert "warning" not in CliRunner().invoke(main, ["validate", str(path)]).output
 
 
 # ---------------------------------------------------------------- the embedded model

@@ -398,7 +398,8 @@ def trained_sources(compiled: list[Step]) -> dict[str, str]:
 def domain_warnings(compiled: list[Step]) -> list[str]:
     """Gates that judge the model on the text a fine-tune or a data-aware patch of the recipe
     trained or calibrated on before them (another part of it, but the same domain; for mixes, any
-    source they share): their pass says little about text the model did not see."""
+    source they share), unless a gate of the same step judges text none of them saw: their pass
+    says little about text the model did not see."""
     from surgery.data import NAMED, components
 
     measured: dict[str, str | None] = {}  # eval family -> the text of its latest eval step
@@ -408,8 +409,10 @@ def domain_warnings(compiled: list[Step]) -> list[str]:
             measured[step.payload.name] = getattr(step.payload, "text", None)
         elif isinstance(step, GateStep):
             trained = trained_sources(compiled[: step.index])
-            for gate in step.payload:
-                text = measured.get(gate.metric.split(".", 1)[0])
+            texts = [measured.get(gate.metric.split(".", 1)[0]) for gate in step.payload]
+            if any(text and not components(text) & set(trained) for text in texts):
+                continue  # the same step also judges text no step trained on
+            for gate, text in zip(step.payload, texts, strict=True):
                 seen = sorted(components(text) & set(trained)) if text else []
                 if seen:
                     unseen = [t for t in NAMED if t not in trained]
