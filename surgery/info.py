@@ -18,8 +18,8 @@ from surgery.arch import (
     layer_windows,
     text_config,
 )
-from surgery.checkpoint import check_config, weight_files
-from surgery.errors import SurgeryError
+from surgery.checkpoint import INDEX, check_config, read_json, weight_files
+from surgery.errors import SurgeryError, UnsafeInput
 from surgery.lazy import torch
 from surgery.patch import history
 
@@ -99,7 +99,10 @@ class ConfigData:
         nested = data.get("text_config")
         if isinstance(nested, dict):
             text = normalized(nested)
-            return cls(dict(data), cls(text)) if text is not None else None
+            outer = dict(data)
+            if "dtype" not in outer and "torch_dtype" in outer:
+                outer["dtype"] = outer["torch_dtype"]
+            return cls(outer, cls(text)) if text is not None else None
         flat = normalized(data)
         return cls(flat) if flat is not None else None
 
@@ -107,6 +110,10 @@ class ConfigData:
 def normalized(data: dict[str, Any]) -> dict[str, Any] | None:
     """`data` with transformers' normalizations, or None where only the config class could say."""
     out = dict(data)
+    if not REQUIRED <= out.keys() or not isinstance(out.get("model_type"), str):
+        return None  # a default of the config class (Mistral's 8 kv heads, Qwen3's head_dim 128, ...)
+    if "head_dim" not in out and out["model_type"] not in HEAD_DIM_DERIVED:
+        return None
     if "dtype" not in out and "torch_dtype" in out:
         out["dtype"] = out["torch_dtype"]
     if out.get("use_sliding_window") is False:
@@ -116,6 +123,8 @@ def normalized(data: dict[str, Any]) -> dict[str, Any] | None:
         # every pattern-th layer attends in full, the others slide (gemma 2 and 3 before layer_types)
         layers = out.get("num_hidden_layers", 0)
         out["layer_types"] = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+    if out.get("sliding_window") and not out.get("layer_types"):
+        return None  # which layers slide is the class's rule (Gemma 2 alternates, Qwen2 counts from the top)
     if "rope_parameters" not in out:
         if "rope_theta" not in out or out.keys() & LEGACY_ROPE_EXTRAS:
             return None  # the class's default theta, or a layout only its class knows
@@ -126,6 +135,10 @@ def normalized(data: dict[str, Any]) -> dict[str, Any] | None:
     return out
 
 
+# what inspect reads, where a missing key would be filled by the config class's own default
+REQUIRED = {"model_type", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size"}
+REQUIRED |= {"max_position_embeddings"}
+HEAD_DIM_DERIVED = {"llama", "mistral", "qwen2", "phi3"}  # classes whose head_dim is hidden_size // heads
 # legacy keys that transformers folds into rope_parameters in ways particular to one class
 LEGACY_ROPE_EXTRAS = {"rope_local_base_freq", "partial_rotary_factor", "rope_parameters_sliding"}
 
@@ -135,16 +148,28 @@ def local_description(directory: Path) -> tuple[ConfigData | None, int | None]:
     can read it; its parameter count from the safetensors headers, or None when it has no
     weights): no tensor is read and nothing heavy is imported."""
     config = check_config(directory)
-    headers = weight_files(directory, required=False)
+    try:
+        headers = weight_files(directory, required=False)
+    except UnsafeInput:  # pickle-only or damaged weights: inspect reads the config only
+        headers = {}
+    if (directory / INDEX).is_file():  # the shards transformers loads, not stray ones beside them
+        headers = {path: h for path, h in headers.items() if path.name in indexed_shards(directory)}
+    elif headers:
+        headers = {path: h for path, h in headers.items() if path.name == "model.safetensors"}
     count = None
-    if headers:
+    if headers and "quantization_config" not in config:  # packed or scaled tensors: count the model
         count = sum(
-            math.prod(entry["shape"])
+            math.prod(int(d) for d in entry["shape"])
             for header in headers.values()
             for name, entry in header.items()
             if name != "__metadata__"
         )
-    return ConfigData.read(config), count
+    return ConfigData.read(config), count or None
+
+
+def indexed_shards(directory: Path) -> set[str]:
+    weight_map = read_json(directory / INDEX).get("weight_map") or {}
+    return {str(f) for f in weight_map.values()} if isinstance(weight_map, dict) else set()
 
 
 def count_parameters(config: Any) -> int:

@@ -124,7 +124,12 @@ def test_reading_config_json_as_data_agrees_with_transformers(arch, tied, tmp_pa
     assert fast.parameters == count_parameters(model.config) == sum(p.numel() for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.iterdir() if p.name != "llama-2-7b"))
+# Llama-2's config has no rope_theta (the class's default applies); Mistral's slides on layers the
+# class decides (no layer_types)
+CLASS_ONLY = {"llama-2-7b": {"rope_theta": 10000.0, "rope_type": "default"}, "mistral-7b": None}
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.iterdir() if p.name not in CLASS_ONLY))
 def test_public_config_files_read_as_data_agree_with_transformers(name, tmp_path):
     # legacy rope_theta/rope_scaling keys, torch_dtype, a disabled sliding window (qwen2.5)
     shutil.copy(CONFIGS / name / "config.json", tmp_path / "config.json")
@@ -134,14 +139,48 @@ def test_public_config_files_read_as_data_agree_with_transformers(name, tmp_path
     assert fast == slow
 
 
-def test_a_config_only_its_class_can_read_goes_through_transformers(tmp_path):
-    # Llama-2's config has no rope_theta: the default is the class's, so transformers reads it
-    shutil.copy(CONFIGS / "llama-2-7b" / "config.json", tmp_path / "config.json")
+@pytest.mark.parametrize("name", sorted(CLASS_ONLY))
+def test_a_config_only_its_class_can_read_goes_through_transformers(name, tmp_path):
+    shutil.copy(CONFIGS / name / "config.json", tmp_path / "config.json")
     save_file({"x": torch.zeros(3, 7)}, tmp_path / "model.safetensors")
     assert local_description(tmp_path) == (None, 21)
     result = CliRunner().invoke(main, ["inspect", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
-    assert json.loads(result.output)["rope"] == {"rope_theta": 10000.0, "rope_type": "default"}
+    got = json.loads(result.output)
+    assert got == inspect(surgery.load_config(str(tmp_path)), parameters=21).model_dump()
+    if CLASS_ONLY[name]:
+        assert got["rope"] == CLASS_ONLY[name]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"sliding_window": 8, "use_sliding_window": True},  # which layers slide is the class's rule
+        {"head_dim": None},  # Qwen3's class default is 128, not hidden / heads
+        {"num_key_value_heads": None},
+    ],
+    ids=["window-without-layer-types", "no-head-dim", "no-kv-heads"],
+)
+def test_a_field_the_class_would_fill_sends_inspect_to_transformers(change, tmp_path):
+    config = json.loads(tiny_config("qwen3").to_json_string())
+    config.pop("layer_types", None)
+    for key, value in change.items():
+        config.pop(key) if value is None else config.update({key: value})
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert local_description(tmp_path)[0] is None
+
+
+def test_the_count_reads_only_the_shards_transformers_loads(tmp_path):
+    tiny_model("llama").save_pretrained(tmp_path)
+    expected = local_description(tmp_path)[1]
+    save_file({"x": torch.zeros(1000)}, tmp_path / "consolidated.safetensors")  # mistral-format copy beside
+    assert local_description(tmp_path)[1] == expected
+    (tmp_path / "model.safetensors").unlink()
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")  # pickle only: counted by transformers, never read
+    (tmp_path / "consolidated.safetensors").unlink()
+    assert local_description(tmp_path)[1] is None
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path), "--json"])
+    assert result.exit_code == 0 and json.loads(result.output)["parameters"] == expected, result.output
 
 
 def test_a_sliding_window_pattern_without_layer_types_reads_as_transformers_does(tmp_path):

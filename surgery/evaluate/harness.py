@@ -111,7 +111,8 @@ def make_lm(model: torch.nn.Module, tokenizer: Any, max_length: int | None = Non
     length = max_length or model.config.get_text_config().max_position_embeddings
     lm = HFLM(pretrained=model, tokenizer=tokenizer, max_length=length, batch_size=batch_size)
     processes = distributed()
-    if processes is not None:
+    # data-parallel only where the model sits on the processes' device (gathers go through it)
+    if processes is not None and next(model.parameters()).device.type == processes.device.type:
         lm.accelerator, lm._rank, lm._world_size = processes, processes.process_index, processes.num_processes
     return lm
 

@@ -240,10 +240,10 @@ def make_accelerator(settings: Finetune) -> Iterator[Any]:
     state = accelerator.state
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     on_cpu = fsdp_asked and state.distributed_type == DistributedType.MULTI_CPU
-    if on_cpu:
-        state.distributed_type = DistributedType.FSDP
-        state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launcher's FSDP_* settings
     try:
+        if on_cpu:
+            state.distributed_type = DistributedType.FSDP
+            state.fsdp_plugin = FullyShardedDataParallelPlugin()  # read from the launcher's FSDP_* settings
         if state.distributed_type == DistributedType.FSDP and state.fsdp_plugin.fsdp_version != 2:
             raise SurgeryError(
                 "finetune under FSDP needs fsdp_version: 2 in the accelerate config (or --fsdp_version 2); "
@@ -270,6 +270,9 @@ def gather_full(wrapped: torch.nn.Module, target: torch.nn.Module) -> None:
     into = target.state_dict()
     with torch.no_grad():
         for name, value in wrapped.state_dict().items():
+            name = name.removeprefix("_orig_mod.")  # under torch.compile (dynamo in the accelerate config)
+            if name not in into:
+                raise SurgeryError(f"finetune: the sharded model holds {name!r}, which the model does not")
             full = value.full_tensor() if isinstance(value, DTensor) else value
             into[name].copy_(full)
 
@@ -328,6 +331,8 @@ def train_model(
     if sharded:  # else the model was trained in place
         gather_full(wrapped, trainable_model)
         del wrapped, optimizer, training
+    else:  # drop accelerate's mixed-precision forward wrapper: later evals run as the baseline did
+        accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
     if settings.method == "lora":
         trainable_model.merge_and_unload()  # the LoRA layers of `model` are replaced by merged Linears in place
     for name, p in model.named_parameters():

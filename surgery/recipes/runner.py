@@ -286,6 +286,9 @@ def start(
     source = str(partial / state.checkpoint) if state.checkpoint else recipe.model
     rest = recipe.compiled[state.completed :]
     if state.checkpoint and not any(step.needs_model for step in rest):  # save and push clone it
+        from surgery.models import checked_skeleton
+
+        checked_skeleton(Path(source))  # a damaged stage is refused in one line, not cloned
         say(f"not loading {source}: the remaining steps read it on disk")
         if main and not opened:
             open_partial(recipe, partial, state, resume)
