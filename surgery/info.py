@@ -99,23 +99,26 @@ class ConfigData:
         nested = data.get("text_config")
         if isinstance(nested, dict):
             text = normalized(nested)
-            outer = dict(data)
-            if "dtype" not in outer and "torch_dtype" in outer:
-                outer["dtype"] = outer["torch_dtype"]
-            return cls(outer, cls(text)) if text is not None else None
+            return cls(with_dtype(data), cls(text)) if text is not None else None
         flat = normalized(data)
         return cls(flat) if flat is not None else None
 
 
+def with_dtype(data: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `data` whose `dtype` is set from the legacy `torch_dtype` when only that is there."""
+    out = dict(data)
+    if "dtype" not in out and "torch_dtype" in out:
+        out["dtype"] = out["torch_dtype"]
+    return out
+
+
 def normalized(data: dict[str, Any]) -> dict[str, Any] | None:
     """`data` with transformers' normalizations, or None where only the config class could say."""
-    out = dict(data)
+    out = with_dtype(data)
     if not REQUIRED <= out.keys() or not isinstance(out.get("model_type"), str):
         return None  # a default of the config class (Mistral's 8 kv heads, Qwen3's head_dim 128, ...)
     if "head_dim" not in out and out["model_type"] not in HEAD_DIM_DERIVED:
         return None
-    if "dtype" not in out and "torch_dtype" in out:
-        out["dtype"] = out["torch_dtype"]
     if out.get("use_sliding_window") is False:
         out["sliding_window"] = None
     pattern = out.get("sliding_window_pattern")

@@ -117,11 +117,16 @@ def make_lm(model: torch.nn.Module, tokenizer: Any, max_length: int | None = Non
     return lm
 
 
-def distributed() -> Any:
-    """The Accelerator of a multi-process launch, or None in one process."""
+def multi_process() -> bool:
+    """Whether this process is one of several (a multi-process `accelerate launch`)."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def distributed() -> Any:
+    """The Accelerator of a multi-process launch, or None in one process."""
+    if not multi_process():
         return None
     from accelerate import Accelerator
 
@@ -130,10 +135,10 @@ def distributed() -> Any:
 
 def share(result: Any) -> Any:
     """lm-eval's results, which only the first process holds, on every process."""
+    if not multi_process():
+        return result
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return result
     box = [result]
     dist.broadcast_object_list(box, src=0)
     return box[0]
