@@ -13,7 +13,6 @@ from typing import Any
 from surgery.checkpoint import auto_map_of, carried_over
 from surgery.errors import UnsafeInput
 from surgery.io import atomic_dir, clone_file, reserve
-from surgery.lazy import torch
 from surgery.models import SOURCE_FILE, checked_skeleton
 from surgery.patch import Patch, PatchRecord, get_patch, history
 
@@ -26,16 +25,14 @@ NOT_COPIED = {"config.json", "README.md", MANIFEST, SOURCE_FILE}  # rewritten, n
 def manifest(config: Any, base_model: str | None, run: dict[str, Any] | None = None) -> dict[str, Any]:
     from importlib.metadata import version
 
-    import transformers
-
     return {
         "base_model": base_model,
         **({"run": run} if run else {}),
         "patches": history(config),
         "versions": {
             "surgery": version("surgery"),
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
+            "transformers": version("transformers"),
+            "torch": version("torch"),  # read without importing torch (the config route never does)
         },
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from pathlib import Path
@@ -90,8 +91,17 @@ class ConfigData:
         except KeyError:
             raise AttributeError(name) from None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            super().__setattr__(name, value)
+        else:
+            self._data[name] = value
+
     def get_text_config(self) -> ConfigData:
         return self._text or self
+
+    def to_dict(self) -> dict[str, Any]:
+        return copy.deepcopy(self._data)
 
     @classmethod
     def read(cls, data: dict[str, Any]) -> ConfigData | None:

@@ -195,7 +195,7 @@ DTYPES: dict[str, str] = {  # names a user may give -> torch's (resolved when us
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
-    if isinstance(dtype, torch.dtype):
+    if not isinstance(dtype, str):  # a torch.dtype (asking first would import torch for a name)
         return dtype
     if dtype not in DTYPES:
         raise SurgeryError(f"unknown dtype '{dtype}'; choose from {', '.join(DTYPES)}")

@@ -104,10 +104,30 @@ class Patch(BaseModel):
     """model_type values the patch is tested on (shown by `surgery list`)."""
     streamable: ClassVar[bool] = False
     """True when `tensor_transform` can convert a checkpoint on disk one tensor at a time."""
+    config_data: ClassVar[bool] = False
+    """True when a config-only patch can also run on config.json read as data (`check_config`,
+    `rewrite_config`, `verify_config`): the config route then imports neither torch nor
+    transformers' model code. Its result must equal the patch applied to a skeleton (tested)."""
 
     def check(self, model: torch.nn.Module) -> None:
         """Raise `UnsupportedModel` (why, and what would work) if this patch cannot run, beyond
         the architecture list, which `apply` checks itself."""
+
+    def check_config(self, config: Any) -> None:
+        """`check` on the config alone, for `config_data` patches."""
+        raise NotImplementedError(f"{self.name} needs the model to check")
+
+    def rewrite_config(self, config: Any, ctx: Context) -> list[str]:
+        """`rewrite` on the config alone (attribute access, as data), for `config_data` patches."""
+        raise NotImplementedError(f"{self.name} needs the model to rewrite")
+
+    def verify_config(self, config: Any, before: dict[str, Any], ctx: Context) -> None:
+        """`verify` on the config alone: raise `PatchDidNotTakeEffect` unless it shows the patch."""
+        raise NotImplementedError(f"{self.name} needs the model to verify")
+
+    def details_config(self, config: Any, ctx: Context) -> dict[str, Any]:
+        """`details` on the config alone."""
+        return {}
 
     def calibration_sources(self) -> list[str]:
         """Text sources this patch reads to compute its result (data-aware patches); evaluations
@@ -203,6 +223,38 @@ class Patch(BaseModel):
         model.config.surgery = [*history(model.config), record.model_dump(mode="json")]
         log.debug("applied %s: %s", self.name, "; ".join(notes) or "done")
         return record
+
+
+def apply_to_config(patch: Patch, config: Any, parameters: int, dtype_bytes: float) -> PatchRecord:
+    """`Patch.apply` for a `config_data` patch on a config read as data (`surgery.info.ConfigData`):
+    architecture list, check, rewrite, verify, and the same record, with the parameter count and
+    dtype the caller read from the safetensors headers."""
+    assert patch.config_data, f"{patch.name} cannot run on a config alone"
+    ctx = Context()
+    if text_config(config).model_type not in patch.architectures:
+        raise UnsupportedModel(
+            f"{patch.name} supports model types {', '.join(patch.architectures)}; got '{config.model_type}'"
+        )
+    patch.check_config(text_config(config))
+    before = {k: v for k, v in config.to_dict().items() if k != "surgery"}
+    kv_before = kv_bytes_per_token(config, dtype_bytes)
+    notes = patch.rewrite_config(text_config(config), ctx)
+    patch.verify_config(text_config(config), before, ctx)
+    after = {k: v for k, v in config.to_dict().items() if k != "surgery"}
+    record = PatchRecord(
+        name=patch.name,
+        params=patch.model_dump(mode="json"),
+        persist=patch.persist,
+        config_diff=config_diff(before, after),
+        parameters_before=parameters,
+        parameters_after=parameters,
+        kv_bytes_per_token_before=kv_before,
+        kv_bytes_per_token_after=kv_bytes_per_token(config, dtype_bytes),
+        notes=notes,
+        details=patch.details_config(text_config(config), ctx),
+    )
+    config.surgery = [*history(config), record.model_dump(mode="json")]
+    return record
 
 
 def history(config: Any) -> list[dict[str, Any]]:

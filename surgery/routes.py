@@ -132,6 +132,7 @@ def apply_to_checkpoint(
     work. The output is written whole or not at all."""
     import time
 
+    from surgery.config_data import apply_config_data
     from surgery.hub import apply_config_only, save
     from surgery.models import load_config, load_model, local_dir, resolve
     from surgery.patch import make_patch
@@ -144,6 +145,13 @@ def apply_to_checkpoint(
     with reserve(out, force, source.paths()):  # checked and locked before any work
         here = local_dir(source)
         on_disk = here is not None and source.kind != "hub"
+        if on_disk and dtype == "auto" and route != "memory":
+            records = apply_config_data(patches, here, out, base_model=source.base_model, force=force)
+            if records is not None:  # config-only patches on a config read as data: torch never imported
+                plan = Plan([Step(p, "config", "changes the config only: no weight is read") for p in patches])
+                for line in plan.describe():
+                    say(line)
+                return Applied(out, records, plan, time.perf_counter() - start)
         plan = plan_routes(
             load_config(str(src)),
             patches,

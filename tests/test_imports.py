@@ -4,6 +4,7 @@ importable on its own (nothing else of surgery loaded first)."""
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -82,15 +83,16 @@ LAYERS = [
     "surgery.patch",
     "surgery.io",
     "surgery.checkpoint",
+    "surgery.info",
     "surgery.models",
     "surgery.data",
     "surgery.evaluate",
     "surgery.patches",
     "surgery.hub",
+    "surgery.config_data",
     "surgery.streaming",
     "surgery.routes",
     "surgery",  # the public facade (surgery.load_model, surgery.save, ...)
-    "surgery.info",
     "surgery.check",
     "surgery.recipes",
     "surgery.cli_apply",
@@ -133,19 +135,28 @@ sys.exit(1 if failed else 0)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-QUICK = [["--help"], ["list"], ["validate", "recipes/smollm2-mqa-heal.yaml"], ["apply", "yarn", "--help"], ["inspect"]]
+QUICK = [
+    ["--help"],
+    ["list"],
+    ["validate", "recipes/smollm2-mqa-heal.yaml"],
+    ["apply", "yarn", "--help"],
+    ["inspect"],
+    ["apply", "yarn"],
+]
 
 
 @pytest.mark.parametrize("args", QUICK, ids=lambda a: " ".join(a))
 def test_the_quick_commands_import_neither_torch_nor_transformers(args, tmp_path):
-    """`surgery --help`, `list`, `validate` (no --model) and `inspect` of a local checkpoint start
-    in about a second: torch and transformers (seconds each) are bound lazily (surgery.lazy) and
-    loaded by the commands that touch a tensor or need a config class."""
-    if args == ["inspect"]:
+    """`surgery --help`, `list`, `validate` (no --model), `inspect` of a local checkpoint and a
+    config-only `apply` start in about a second: torch and transformers (seconds each) are bound
+    lazily (surgery.lazy) and loaded by the commands that touch a tensor or need a config class."""
+    if args in (["inspect"], ["apply", "yarn"]):
         from tests.conftest import tiny_model
 
-        tiny_model("qwen2").save_pretrained(tmp_path)
-        args = ["inspect", str(tmp_path)]
+        tiny_model("qwen2").save_pretrained(tmp_path / "src")
+        args = [*args, str(tmp_path / "src")]
+        if args[0] == "apply":
+            args += ["--factor", "4", "-o", str(tmp_path / "out")]
     result = subprocess.run(
         [sys.executable, "-X", "importtime", "-m", "surgery.cli", *args],
         capture_output=True,
@@ -158,5 +169,8 @@ def test_the_quick_commands_import_neither_torch_nor_transformers(args, tmp_path
     assert heavy == [], heavy[:10]
     if args[0] == "inspect":
         assert "GQA-2" in result.stdout and "(90,688)" in result.stdout, result.stdout
+    elif args[:2] == ["apply", "yarn"] and "--help" not in args:
+        assert "config only" in result.stdout, result.stdout
+        assert json.loads((tmp_path / "out" / "config.json").read_text())["rope_parameters"]["factor"] == 4
     else:
         assert "surgery.patches.rope" in imported and "surgery.evaluate.ruler" in imported  # the registries loaded

@@ -43,6 +43,7 @@ class RopePatch(Patch):
 
     persist: ClassVar[str] = "config"
     config_only: ClassVar[bool] = True
+    config_data: ClassVar[bool] = True
     architectures: ClassVar[tuple[str, ...]] = ARCHITECTURES
     rope_type: ClassVar[str]
     static: ClassVar[bool] = True  # raise max_position_embeddings to origin x factor
@@ -68,8 +69,12 @@ class RopePatch(Patch):
         return params
 
     def check(self, model: torch.nn.Module) -> None:
-        config = text_config(model.config)
-        if not rotary_modules(model) or not getattr(config, "rope_parameters", None):
+        if not rotary_modules(model):
+            raise UnsupportedModel(f"{self.name}: this model has no rotary embedding to rescale")
+        self.check_config(text_config(model.config))
+
+    def check_config(self, config: Any) -> None:
+        if not getattr(config, "rope_parameters", None):
             raise UnsupportedModel(f"{self.name}: this model has no rotary embedding to rescale")
         slots = rope_slots(config, self.apply_to)
         if not slots:
@@ -89,7 +94,13 @@ class RopePatch(Patch):
                 )
 
     def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
-        config = text_config(model.config)
+        notes = self.rewrite_config(text_config(model.config), ctx)
+        rebuild_rotary(model)
+        return notes
+
+    def rewrite_config(self, config: Any, ctx: Context) -> list[str]:
+        """The new rope_parameters and max_position_embeddings; the rotary modules are rebuilt from
+        them by `rewrite` (the config route leaves that to whoever loads the checkpoint)."""
         rotary_dim = int(
             head_dim(config)
             * slot_params(config, rope_slots(config, self.apply_to)[0]).get("partial_rotary_factor", 1.0)
@@ -112,7 +123,6 @@ class RopePatch(Patch):
         config.max_position_embeddings = int(max_len)
         if hasattr(config, "original_max_position_embeddings"):  # Phi3 reads it in preference
             config.original_max_position_embeddings = max(o.max_len for o in origins.values())
-        rebuild_rotary(model)
         ctx.state.update(origins=origins, totals=totals)  # for details()
         return [
             f"{slot}: {self.rope_type} x{totals[slot]:g} from theta={o.rope_theta:g}, "
@@ -138,6 +148,27 @@ class RopePatch(Patch):
                 if self.factor != 1 and not self.static:
                     self._verify_dynamic(name, module, slot)
 
+    def verify_config(self, config: Any, before: dict[str, Any], ctx: Context) -> None:
+        """What the config alone shows: every rescaled slot has this patch's RoPE type and total
+        factor, and a static scaling raised the length. That transformers builds the expected
+        buffers from such a config is what `verify` proves on a skeleton; the two routes are
+        tested to write equal configs."""
+        kind = "longrope" if config.model_type in LONGROPE_ONLY and self.rope_type != "default" else self.rope_type
+        old_rope = before.get("rope_parameters") or {}
+        for slot, total in ctx.state["totals"].items():
+            params = slot_params(config, slot)
+            old = old_rope if slot == GLOBAL else old_rope.get(slot)
+            if params.get("rope_type") != kind or ("factor" in params and params["factor"] != total):
+                raise PatchDidNotTakeEffect(f"{slot}: rope_parameters {params} are not {self.name} x{total:g}")
+            if self.factor != 1 and self.static and params == old:
+                raise PatchDidNotTakeEffect(f"{slot}: rope_parameters unchanged after {self.name}")
+        if self.static:
+            length = max(round(o.max_len * ctx.state["totals"][s]) for s, o in ctx.state["origins"].items())
+            if config.max_position_embeddings != length:
+                raise PatchDidNotTakeEffect(
+                    f"max_position_embeddings is {config.max_position_embeddings}, not {length}"
+                )
+
     def _verify_dynamic(self, name: str, module: torch.nn.Module, slot: str) -> None:
         """Dynamic NTK only changes inv_freq past max_position_embeddings: probe a copy there."""
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -157,8 +188,11 @@ class RopePatch(Patch):
             raise PatchDidNotTakeEffect(f"{name}: dynamic NTK did not rescale past the original length")
 
     def details(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> dict[str, Any]:
+        return self.details_config(model.config, ctx)
+
+    def details_config(self, config: Any, ctx: Context) -> dict[str, Any]:
         """The origin of every slot (the first RoPE record's wins) and each slot's total factor."""
-        records = rope_records(model.config)
+        records = rope_records(config)
         first = records[0]["details"]["origin"] if records else {}
         last = records[-1]["details"]["total_factor"] if records else {}
         return {
