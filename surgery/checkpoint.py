@@ -249,3 +249,12 @@ def auto_map_of(path: Path) -> Any:
 def carried_over(path: Path) -> bool:
     """Whether a file of a source checkpoint may be copied into an output: never code or pickles."""
     return path.is_file() and path.suffix not in CODE_SUFFIXES + PICKLE_SUFFIXES
+
+
+def is_gguf(path: Path) -> bool:
+    """Whether `path` is a file that starts as a GGUF file does."""
+    try:
+        with path.open("rb") as f:
+            return f.read(4) == b"GGUF"
+    except OSError:
+        return False

@@ -319,11 +319,45 @@ def run_cmd(recipe: str, out: str | None, resume: bool, force: bool, overrides: 
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repository as private.")
 @click.option("--revision", help="Branch to push to (created if missing).")
-def push_cmd(directory: str, repo_id: str, private: bool, revision: str | None) -> None:
-    """Upload a saved model DIRECTORY to the Hub as REPO_ID (token from HF_TOKEN or `hf auth login`)."""
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing to the branch.")
+@click.option("--gguf", "gguf", multiple=True, metavar="FILE", help="A GGUF exported from DIRECTORY, uploaded with it.")
+def push_cmd(
+    directory: str, repo_id: str, private: bool, revision: str | None, create_pr: bool, gguf: tuple[str, ...]
+) -> None:
+    """Upload a saved model DIRECTORY to the Hub as REPO_ID in one commit (token from HF_TOKEN or
+    `hf auth login`)."""
     from surgery.hub import push
 
-    click.echo(f"pushed: {push(directory, repo_id, private=private, revision=revision)}")
+    url = push(directory, repo_id, private=private, revision=revision, create_pr=create_pr, gguf=gguf)
+    click.echo(f"{'pull request' if create_pr else 'pushed'}: {url}")
+
+
+@main.group("export")
+def export_group() -> None:
+    """Write a saved model in a serving engine's format."""
+
+
+@export_group.command("gguf")
+@click.argument("model")
+@click.option("-o", "--out", "out", required=True, help="The GGUF file to write (FILE.gguf).")
+@click.option("--type", "kind", type=click.Choice(["f32", "f16", "q8_0"]), default="f16", show_default=True)
+@click.option("--force", is_flag=True, help="Replace an existing output file.")
+@click.option("--allow-loss", is_flag=True, help="Export even what GGUF cannot express, naming what is left out.")
+@click.option("--tokenizer-pre", default=None, help="llama.cpp's pre-tokenizer name (llama-bpe, qwen2, smollm, ...).")
+def export_gguf_cmd(model: str, out: str, kind: str, force: bool, allow_loss: bool, tokenizer_pre: str | None) -> None:
+    """Export MODEL (a saved Llama, Mistral, Qwen2 or Qwen3 checkpoint) to one GGUF file for
+    llama.cpp and Ollama, with the applied patches in its metadata."""
+    from surgery.export import export_gguf
+
+    def warn(line: str) -> None:
+        click.echo(f"warning: {line}", err=True)
+
+    done = export_gguf(
+        model, out, type=kind, force=force, allow_loss=allow_loss, tokenizer_pre=tokenizer_pre, warn=warn
+    )
+    click.echo(
+        f"wrote {done.path} ({done.type}, {done.tensors} tensors, {done.bytes / 1e6:.1f} MB, {done.seconds:.1f} s)"
+    )
 
 
 main.add_command(

@@ -6,11 +6,12 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from surgery.checkpoint import auto_map_of, carried_over
+from surgery.checkpoint import auto_map_of, carried_over, is_gguf
 from surgery.errors import UnsafeInput
 from surgery.io import atomic_dir, clone_file, reserve
 from surgery.models import SOURCE_FILE, checked_skeleton
@@ -38,17 +39,24 @@ def manifest(config: Any, base_model: str | None, run: dict[str, Any] | None = N
     }
 
 
-def model_card(config: Any, base_model: str | None, extra: str = "") -> str:
+def model_card(config: Any, base_model: str | None, extra: str = "", evals: Sequence[tuple[str, Any]] = ()) -> str:
     """A README.md for the Hub: metadata header, what was done, how to load it, and `extra`
-    markdown (a recipe run adds the recipe and its before/after table)."""
+    markdown (a recipe run adds the recipe and its before/after table). The header holds what the
+    Hub reads: `base_model` and `base_model_relation` (for a Hub id), `library_name`, `tags`
+    (surgery and each patch), and a `model-index` of `evals`, (stage label, eval result) pairs."""
     from huggingface_hub import ModelCardData
 
     records = [PatchRecord(**r) for r in history(config)]
     is_hub_id = bool(base_model) and base_model.count("/") == 1 and not base_model.startswith((".", "/"))
+    name = f"{Path(str(base_model or 'model')).name}-" + "-".join(dict.fromkeys(r.name for r in records) or ["surgery"])
+    results = eval_results(evals)
     data = ModelCardData(
         base_model=base_model if is_hub_id else None,
+        base_model_relation=base_model_relation(records) if is_hub_id else None,
         library_name="transformers",
         tags=["surgery", *dict.fromkeys(r.name for r in records)],
+        model_name=name if results else None,
+        eval_results=results or None,
     )
     rows = "\n".join(
         f"| {i} | `{r.name}` | {', '.join(f'{k}={v}' for k, v in r.params.items())} | {r.persist} | "
@@ -81,6 +89,40 @@ record of each step is in `surgery.json` and in `config.json` under `surgery`.
 {extra}"""
 
 
+QUANTIZING = {"kv-quant"}  # patches that only change how numbers are stored
+
+
+def base_model_relation(records: Sequence[PatchRecord]) -> str:
+    """How the Hub should relate the model to its base: `quantized` when every patch only changes
+    how numbers are stored (a KV-cache format), else `finetune`: a derived model whose weights or
+    computation changed. surgery saves merged weights, so never `adapter`; never `merge`."""
+    return "quantized" if records and all(r.name in QUANTIZING for r in records) else "finetune"
+
+
+def eval_results(evals: Sequence[tuple[str, Any]]) -> list[Any]:
+    """`model-index` entries: every finite metric of each (stage label, eval result), named with its
+    stage ("perplexity.ppl@2048 (before)"), on the dataset the eval read (its text source)."""
+    from huggingface_hub import EvalResult
+
+    out = []
+    for label, result in evals:
+        source = result.params.get("text") or result.params.get("tasks") or result.name
+        dataset = ",".join(map(str, source)) if isinstance(source, list) else str(source)
+        for metric, value in result.metrics.items():
+            if math.isfinite(value):
+                out.append(
+                    EvalResult(
+                        task_type="text-generation",
+                        dataset_type=f"surgery/{result.name}",
+                        dataset_name=dataset,
+                        metric_type=metric,
+                        metric_value=float(value),
+                        metric_name=f"{metric} ({label})",
+                    )
+                )
+    return out
+
+
 def edit_json(path: Path, **changes: Any) -> None:
     """Set keys of a JSON file in place; a value of None removes the key."""
     data = json.loads(path.read_text())
@@ -93,7 +135,12 @@ def edit_json(path: Path, **changes: Any) -> None:
 
 
 def write_metadata(
-    directory: Path, config: Any, base_model: str | None, card_extra: str = "", run: dict[str, Any] | None = None
+    directory: Path,
+    config: Any,
+    base_model: str | None,
+    card_extra: str = "",
+    run: dict[str, Any] | None = None,
+    evals: Sequence[tuple[str, Any]] = (),
 ) -> None:
     """surgery.json, README.md, and config.json keys that save_pretrained leaves out (each applied
     patch says which: `Patch.saved_config`). No output points at custom code: `auto_map` is dropped
@@ -107,7 +154,7 @@ def write_metadata(
         if auto_map_of(path) is not None:
             edit_json(path, auto_map=None)
     (directory / MANIFEST).write_text(json.dumps(manifest(config, base_model, run), indent=2) + "\n")
-    (directory / "README.md").write_text(model_card(config, base_model, card_extra))
+    (directory / "README.md").write_text(model_card(config, base_model, card_extra, evals))
 
 
 def default_base_model(model: Any) -> str | None:
@@ -130,12 +177,14 @@ def save(
     files: dict[str, str] | None = None,
     sources: Iterable[str | Path] = (),
     run: dict[str, Any] | None = None,
+    evals: Sequence[tuple[str, Any]] = (),
 ) -> Path:
     """Save weights, tokenizer, config, manifest and model card atomically to `out`. `base_model`
     defaults to where the model was loaded from (see `default_base_model`); `card_extra` is
     appended to the model card and `files` ({name: text}) written beside (e.g. the recipe).
     `sources` are directories `out` must never replace (the model's own is always one); `run`
-    identifies the recipe run and step that wrote it, so a resumed run may replace it."""
+    identifies the recipe run and step that wrote it, so a resumed run may replace it; `evals`,
+    (stage label, eval result) pairs, fill the card's model-index."""
     out = Path(out)
     base_model = base_model or default_base_model(model)
     origin = getattr(model, "name_or_path", "") or ""
@@ -144,7 +193,7 @@ def save(
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        finish(tmp, model.config, base_model, card_extra, run, files)
+        finish(tmp, model.config, base_model, card_extra, run, files, evals)
     log.info("saved %s", out)
     return out
 
@@ -156,9 +205,10 @@ def finish(
     card_extra: str,
     run: dict[str, Any] | None,
     files: dict[str, str] | None,
+    evals: Sequence[tuple[str, Any]] = (),
 ) -> None:
     """What every save writes beside the weights: metadata, model card, and the given files."""
-    write_metadata(tmp, config, base_model, card_extra, run)
+    write_metadata(tmp, config, base_model, card_extra, run, evals)
     for name, text in (files or {}).items():
         (tmp / name).write_text(text)
 
@@ -173,6 +223,7 @@ def save_from_disk(
     files: dict[str, str] | None = None,
     sources: Iterable[str | Path] = (),
     run: dict[str, Any] | None = None,
+    evals: Sequence[tuple[str, Any]] = (),
 ) -> Path:
     """`save` of a checkpoint that is already on disk (a stage of surgery's own), without loading
     it: weight and tokenizer files cloned, config and metadata rewritten as `save` writes them."""
@@ -183,7 +234,7 @@ def save_from_disk(
     with atomic_dir(out, force, [*sources, src]) as tmp:
         copy_unchanged(src, tmp)
         config.save_pretrained(tmp)
-        finish(tmp, config, base_model, card_extra, run, files)
+        finish(tmp, config, base_model, card_extra, run, files, evals)
     log.info("saved %s (from %s, not loaded)", out, src)
     return out
 
@@ -234,11 +285,15 @@ def push(
     revision: str | None = None,
     api: Any = None,
     commit_message: str | None = None,
+    create_pr: bool = False,
+    gguf: Sequence[str | Path] = (),
 ) -> str:
-    """Upload a saved checkpoint directory to the Hub through huggingface_hub and return its URL.
-    `api` defaults to `HfApi()`, which finds the token itself (HF_TOKEN or the login cache): this
-    function never reads, prints or stores it. Tests inject an API object writing a local folder."""
-    from huggingface_hub import HfApi
+    """Upload a saved checkpoint directory, and the `gguf` files exported from it, to the Hub in one
+    commit through huggingface_hub, and return its URL (the pull request's with `create_pr`: the
+    commit is proposed, not made on the branch). `api` defaults to `HfApi()`, which finds the
+    token itself (HF_TOKEN or the login cache): this function never reads, prints or stores it.
+    Tests inject an API object writing a local folder."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     from surgery.errors import SurgeryError
 
@@ -248,14 +303,26 @@ def push(
     refuse_foreign(folder)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise SurgeryError(f"repository id '{repo_id}' must look like user/name")
+    files = {str(f.relative_to(folder)): f for f in sorted(folder.rglob("*")) if f.is_file() and not hidden(f, folder)}
+    for extra in map(Path, gguf):
+        if not is_gguf(extra):
+            raise SurgeryError(f"{extra} is not a GGUF file; pass one written by `surgery export gguf`")
+        if extra.name in files:
+            raise SurgeryError(f"{folder} already holds a file named {extra.name}; rename the GGUF")
+        files[extra.name] = extra
     api = api if api is not None else HfApi()
     message = commit_message or f"surgery: {', '.join(r['name'] for r in read_patches(folder)) or 'upload'}"
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-        api.upload_folder(
-            folder_path=str(folder), repo_id=repo_id, revision=revision, commit_message=message, repo_type="model"
+        info = api.create_commit(
+            repo_id=repo_id,
+            operations=[CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(f)) for name, f in files.items()],
+            commit_message=message,
+            revision=revision,
+            create_pr=create_pr,
+            repo_type="model",
         )
     except Exception as err:  # HTTP errors, and the HTTP client's own connection errors (not OSError)
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -263,8 +330,14 @@ def push(
             f"push to {repo_id} failed: {reason}; check `hf auth login` or HF_TOKEN and your network"
         ) from None
     url = f"https://huggingface.co/{repo_id}" + (f"/tree/{revision}" if revision else "")
+    url = (getattr(info, "pr_url", None) or url) if create_pr else url
     log.info("pushed %s to %s", folder, url)
     return url
+
+
+def hidden(path: Path, root: Path) -> bool:
+    """A dot-file or a file in a dot-directory (locks, caches): never uploaded."""
+    return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
 def refuse_foreign(folder: Path) -> None:

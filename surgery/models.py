@@ -117,6 +117,38 @@ def _gguf_cache_path(gguf: Path) -> Path:
     return cache_dir() / "models" / f"{gguf.stem}-{key}"
 
 
+def gguf_rope_parameters(path: Path) -> dict[str, Any] | None:
+    """The RoPE scaling a GGUF file states: surgery's own exact record (`surgery.rope_parameters`),
+    else llama.cpp's linear or YaRN keys; None for unscaled RoPE."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(path).fields
+
+    def value(key: str) -> Any:
+        return fields[key].contents() if key in fields else None
+
+    if value("surgery.rope_parameters"):
+        return json.loads(value("surgery.rope_parameters"))
+    arch = value("general.architecture")
+    kind = value(f"{arch}.rope.scaling.type")
+    if kind not in ("linear", "yarn") or not value(f"{arch}.rope.scaling.factor"):
+        return None
+    params = {
+        "rope_type": kind,
+        "rope_theta": float(value(f"{arch}.rope.freq_base") or 10000.0),
+        "factor": float(value(f"{arch}.rope.scaling.factor")),
+    }
+    if kind == "yarn":
+        for key, name in (
+            ("rope.scaling.original_context_length", "original_max_position_embeddings"),
+            ("rope.scaling.yarn_beta_fast", "beta_fast"),
+            ("rope.scaling.yarn_beta_slow", "beta_slow"),
+        ):
+            if value(f"{arch}.{key}") is not None:
+                params[name] = value(f"{arch}.{key}")
+    return params
+
+
 def check_gguf(path: Path) -> None:
     """Parse a GGUF's header and tensor table (memory-mapped, no data read) before converting it."""
     from gguf import GGUFReader
@@ -154,6 +186,9 @@ def convert_gguf(source: Source) -> Path:
         )
         if getattr(model, "hf_quantizer", None) is not None:
             model.hf_quantizer.remove_quantization_config(model)
+        rope = gguf_rope_parameters(gguf)
+        if rope is not None:  # transformers' GGUF loader reads the RoPE base only
+            model.config.rope_parameters = rope
         model.config._name_or_path = source.base_model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -92,6 +92,7 @@ LAYERS = [
     "surgery.config_data",
     "surgery.streaming",
     "surgery.routes",
+    "surgery.export",
     "surgery",  # the public facade (surgery.load_model, surgery.save, ...)
     "surgery.check",
     "surgery.recipes",

@@ -9,12 +9,15 @@ import os
 import shutil
 import subprocess
 import sys
+import types
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from huggingface_hub import ModelCard
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -110,9 +113,15 @@ class RecordingApi:
     def create_branch(self, repo_id, **kwargs):
         self.calls.append(("create_branch", repo_id, kwargs))
 
-    def upload_folder(self, *, folder_path, repo_id, revision=None, **kwargs):
-        self.calls.append(("upload_folder", repo_id, {"revision": revision, **kwargs}))
-        shutil.copytree(folder_path, self.root / repo_id / (revision or "main"), dirs_exist_ok=True)
+    def create_commit(self, *, repo_id, operations, revision=None, create_pr=False, **kwargs):
+        self.calls.append(("create_commit", repo_id, {"revision": revision, "create_pr": create_pr, **kwargs}))
+        branch = f"pr-{len(self.calls)}" if create_pr else revision or "main"
+        for op in operations:
+            target = self.root / repo_id / branch / op.path_in_repo
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(op.path_or_fileobj, target)
+        url = f"https://huggingface.co/{repo_id}/discussions/{len(self.calls)}" if create_pr else None
+        return types.SimpleNamespace(pr_url=url)
 
 
 def test_recipe_runs_end_to_end(tiny_dir, tmp_path, monkeypatch):
@@ -152,9 +161,18 @@ def test_recipe_runs_end_to_end(tiny_dir, tmp_path, monkeypatch):
     assert yaml.safe_load((saved / "recipe.yaml").read_text())["steps"][1] == {"patch": "gqa", "num_kv_heads": 1}
     card = (saved / "README.md").read_text()
     assert "## Recipe" in card and "## Before / after" in card and "perplexity.ppl@64" in card
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the Hub's own parser reads the header without a complaint
+        header = ModelCard(card).data
+    assert header.tags == ["surgery", "gqa"] and header.library_name == "transformers"
+    assert header.base_model is None  # a local directory is no Hub id
+    results = {r.metric_name: r.metric_value for r in header.eval_results}
+    assert results["perplexity.ppl@64 (before)"] == first
+    assert results["perplexity.ppl@64 (after gqa → 1 kv head (mean), full heal)"] == last
+    assert {r.dataset_type for r in header.eval_results} == {"surgery/perplexity"}
     stock = AutoModelForCausalLM.from_pretrained(saved)
     assert stock.config.num_key_value_heads == 1
-    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "upload_folder"]
+    assert [c[0] for c in api.calls] == ["create_repo", "create_branch", "create_commit"]
     assert api.calls[0][2]["private"] is True and api.calls[2][2]["revision"] == "heal"
     assert (tmp_path / "hub" / "someone" / "tiny-mqa" / "heal" / "model.safetensors").is_file()
 
@@ -258,6 +276,48 @@ def test_push_cli_never_shows_the_token(tiny_dir, tmp_path, monkeypatch):
     assert all(secret not in f.read_text(errors="ignore") for f in uploaded.iterdir() if f.suffix in (".json", ".md"))
     bad = CliRunner().invoke(main, ["push", str(tmp_path), "me/tiny"])
     assert bad.exit_code == 2 and "is not a saved model" in bad.stderr
+
+
+def test_push_opens_a_pull_request_holding_the_gguf_too(tiny_dir, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    api = RecordingApi(tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: api)
+    gguf = tmp_path / "tiny-f16.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(60))
+    result = CliRunner().invoke(main, ["push", str(tiny_dir), "me/tiny", "--create-pr", "--gguf", str(gguf)])
+    assert result.exit_code == 0, result.output
+    assert "pull request: https://huggingface.co/me/tiny/discussions/2" in result.output
+    assert api.calls[-1][2]["create_pr"] is True and api.calls[-1][2]["revision"] is None
+    pushed = tmp_path / "hub" / "me" / "tiny" / "pr-2"
+    assert (pushed / "tiny-f16.gguf").read_bytes() == gguf.read_bytes() and (pushed / "config.json").is_file()
+    assert not (tmp_path / "hub" / "me" / "tiny" / "main").exists()  # nothing committed to main
+    (tmp_path / "notes.txt").write_text("not a gguf")
+    bad = CliRunner().invoke(main, ["push", str(tiny_dir), "me/tiny", "--gguf", str(tmp_path / "notes.txt")])
+    assert bad.exit_code == 2 and "is not a GGUF file" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "patches, relation",
+    [
+        ([("gqa", {"num_kv_heads": 1})], "finetune"),
+        ([("yarn", {"factor": 2})], "finetune"),
+        ([("kv-quant", {"group_size": 16, "residual": 16})], "quantized"),
+    ],
+)
+def test_the_card_header_names_the_base_and_how_the_model_derives_from_it(patches, relation):
+    from surgery.hub import model_card
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama")
+    for name, params in patches:
+        surgery.apply(model, name, **params)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        header = ModelCard(model_card(model.config, "HuggingFaceTB/SmolLM2-135M-Instruct")).data.to_dict()
+    assert header["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert header["base_model_relation"] == relation
+    assert header["tags"] == ["surgery", patches[0][0]] and "model-index" not in header
 
 
 def launch(recipe: Path, out: Path, *flags: str) -> subprocess.CompletedProcess:

@@ -17,7 +17,7 @@ from surgery.evaluate.gates import Gate, evaluate_gates, parse_gate
 from surgery.lazy import torch
 from surgery.patch import PATCHES, Patch
 from surgery.recipes.finetune import Finetune
-from surgery.recipes.report import card_section, run_of, stamp
+from surgery.recipes.report import card_section, labelled, run_of, stamp
 from surgery.recipes.state import RunContext
 from surgery.recipes.step import Seen, Step, build, registered, settings
 
@@ -314,6 +314,7 @@ class SaveStep(Step):
                 # a resumed run replaces what it wrote itself before a kill, and nothing else
                 force=self.payload.force or run_of(Path(path)).get("id") == state.run_id,
                 card_extra=card_section(ctx.recipe, state),
+                evals=[(label, r) for label, report in labelled(ctx.recipe, state).items() for r in report.results],
                 files={"recipe.yaml": ctx.recipe.to_yaml()},
                 sources=ctx.sources,
                 run=stamp(state, step=self.index),
@@ -333,6 +334,7 @@ class PushSettings(BaseModel):
     repo_id: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="user/name on the Hub")
     private: bool = Field(False, description="create the repository private")
     revision: str | None = Field(None, description="branch to push to (created if missing)")
+    create_pr: bool = Field(False, description="open a pull request instead of committing to the branch")
     path: str | None = Field(None, description="directory to upload (default: the last save)")
 
 
@@ -364,7 +366,7 @@ class PushStep(Step):
         folder = self.payload.path or ctx.state.saved[-1]
         if ctx.main:
             p = self.payload
-            url = push(folder, p.repo_id, private=p.private, revision=p.revision, api=ctx.api)
+            url = push(folder, p.repo_id, private=p.private, revision=p.revision, api=ctx.api, create_pr=p.create_pr)
             ctx.state.pushed.append(url)
             ctx.say(f"    pushed {folder} to {url}")
         return False
