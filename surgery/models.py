@@ -320,8 +320,10 @@ def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None =
         log.debug("%s has no tokenizer files; continuing without a tokenizer", where)  # evals say so if they need one
     model.eval()
     for record in history(model.config):
+        patch = make_patch(record["name"], **record["params"])
         if record["persist"] == "runtime":
-            make_patch(record["name"], **record["params"]).rewrite(model, Context())
+            patch.rewrite(model, Context())
+        patch.restore(model, path)
     return model, tokenizer
 
 

@@ -157,6 +157,11 @@ class Patch(BaseModel):
         """Extra facts stored in the record (e.g. the pre-patch RoPE origin)."""
         return {}
 
+    def restore(self, model: torch.nn.Module, directory: Any) -> None:
+        """Called by `surgery.load_model` for each recorded patch of a loaded checkpoint (`directory`:
+        its local files, or None): re-attach what transformers does not rebuild from the files (the
+        calibrated fp8 cache). Runtime patches are re-applied by `rewrite` instead."""
+
     def tensor_transform(self, config: Any):
         """For streamable patches: a function (checkpoint tensor name, tensor) -> new tensor,
         built from the config before the patch. Raise `SurgeryError` for unstreamable parameters."""

@@ -10,7 +10,14 @@ held really shrink. Quantized blocks are appended, never re-quantized.
 `method=int` persists as `runtime`: the checkpoint is untouched (stock transformers runs it with a
 normal cache) and `surgery.load_model` re-attaches the cache, which `generate()` and the evaluators
 then use without being asked. `method=fp8` persists in `generation_config.json`
-(`cache_implementation="quantized"`, backend fp8), which stock `generate()` honours."""
+(`cache_implementation="quantized"`, backend fp8), which stock `generate()` honours.
+
+`method=fp8` with `scales` calibrates static scales on calibration text instead (`fp8_static`):
+per tensor or per kv head, from the absmax or a percentile of |k| and |v|. They are saved as vLLM
+reads them from llm-compressor's checkpoints: `self_attn.k_scale`/`v_scale` tensors beside the
+untouched weights, and a compressed-tensors `quantization_config` whose only entry is the
+`kv_cache_scheme`. Locally the same scales drive a saturating fp8 cache, so perplexity and
+divergence measure what vLLM would serve; `surgery.load_model` re-attaches it from the files."""
 
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from surgery.arch import head_dim, layer_windows, text_config
+from surgery.data import TextSource
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
 from surgery.lazy import torch
 from surgery.patch import Context, Patch, Persist, Snapshot, register
@@ -32,7 +40,11 @@ class KVQuant(Patch):
 
     name: ClassVar[str] = "kv-quant"
     architectures: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "phi3")
-    examples: ClassVar[list[dict[str, Any]]] = [{"bits": 4, "residual": 16, "group_size": 8}, {"method": "fp8"}]
+    examples: ClassVar[list[dict[str, Any]]] = [
+        {"bits": 4, "residual": 16, "group_size": 8},
+        {"method": "fp8"},
+        {"method": "fp8", "scales": "head", "calibration_tokens": 64},
+    ]
 
     bits: Literal[8, 4, 2] = Field(8, description="bits per cached key/value element (int: 8, 4 or 2; fp8: 8)")
     method: Literal["int", "fp8"] = Field(
@@ -47,8 +59,34 @@ class KVQuant(Patch):
         description="int: elements sharing one scale (tokens per key channel, channels per value; default 64)",
     )
 
+    scales: Literal["tensor", "head"] | None = Field(
+        None,
+        description="fp8: calibrate static scales per tensor or per kv head (saved as vLLM reads them); "
+        "default none: transformers' dynamic fp8 cache",
+    )
+    percentile: float = Field(
+        100.0,
+        gt=50,
+        le=100,
+        description="fp8 scales: the percentile of |k| and |v| mapped to fp8's maximum (100: absmax)",
+    )
+    calibration_tokens: int = Field(8192, ge=16, description="fp8 scales: tokens of calibration text")
+    calibration_text: TextSource = Field(
+        "pydoc", description="fp8 scales: calibration source (train split): pydoc, docs, a file, or hf:NAME"
+    )
+
     @model_validator(mode="after")
     def _consistent(self) -> KVQuant:
+        fields = type(self).model_fields
+        calibrated = [
+            k for k in ("calibration_text", "calibration_tokens", "percentile") if getattr(self, k) != fields[k].default
+        ]
+        if self.scales is None and calibrated:
+            raise ValueError(
+                f"{', '.join(sorted(calibrated))} apply to calibrated fp8 scales only: add scales=tensor|head"
+            )
+        if self.scales is not None and self.method != "fp8":
+            raise ValueError("scales are fp8's: add method=fp8")
         if self.method == "fp8":
             if self.bits != 8:
                 raise ValueError("method fp8 stores 8 bits; use method int for 4 or 2 bits")
@@ -67,7 +105,12 @@ class KVQuant(Patch):
         return self.residual or 128
 
     def short(self) -> str:
+        if self.scales:
+            return f"{self.name} fp8 ({self.scales} scales)"
         return f"{self.name} {'fp8' if self.method == 'fp8' else f'int{self.bits}'}"
+
+    def calibration_sources(self) -> list[str]:
+        return [self.calibration_text] if self.scales else []
 
     def persistence(self, model: torch.nn.Module) -> Persist:
         return "config" if self.method == "fp8" else "runtime"
@@ -91,6 +134,10 @@ class KVQuant(Patch):
         from transformers import QuantizedCache
         from transformers.cache_utils import Cache
 
+        if self.scales:
+            from surgery.patches.fp8_static import StaticFp8Layer
+
+            return Cache(layers=[StaticFp8Layer(a.k_scale, a.v_scale) for a in attention_modules(model)])
         if self.method == "fp8":
             return QuantizedCache(backend="fp8", config=model.config)
         n = text_config(model.config).num_hidden_layers
@@ -100,12 +147,16 @@ class KVQuant(Patch):
 
     def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
         gen = model.generation_config
+        if gen.cache_implementation == "quantized":  # an earlier fp8 kv-quant: this one replaces it
+            gen.cache_implementation, gen.cache_config = None, None
+        if self.scales:
+            return self._calibrate(model, ctx)
+        if kv_only(getattr(model.config, "quantization_config", None)):  # an earlier calibrated kv-quant
+            del model.config.quantization_config
         if self.method == "fp8":
             gen.cache_implementation, gen.cache_config = "quantized", {"backend": "fp8"}
             model.surgery_kv_cache = self
             return ["generation_config: quantized cache, fp8 backend (stock generate() uses it)"]
-        if gen.cache_implementation == "quantized":  # an earlier fp8 kv-quant: this one replaces it
-            gen.cache_implementation, gen.cache_config = None, None
         model.surgery_kv_cache = self
         attach_generate_cache(model)
         return [
@@ -113,17 +164,114 @@ class KVQuant(Patch):
             f"last {self.residual_tokens} tokens exact (re-attached by surgery.load_model)"
         ]
 
+    def _calibrate(self, model: torch.nn.Module, ctx: Context) -> list[str]:
+        from surgery.patches.fp8_static import calibrate, quantization_config
+        from surgery.patches.gqa_fit import calibration_ids
+
+        if ctx.tokenizer is None:
+            raise UnsupportedModel(f"{self.name}: calibrating fp8 scales needs the model's tokenizer")
+        existing = getattr(model.config, "quantization_config", None)
+        if existing is not None and not kv_only(existing):
+            raise UnsupportedModel(
+                f"{self.name}: the model already has a quantization_config ({quant_method(existing)}); "
+                "calibrated fp8 scales would replace it: quantize the KV cache of an unquantized model"
+            )
+        ids = calibration_ids(model, ctx.tokenizer, self.calibration_text, self.calibration_tokens)
+        k_scales, v_scales = calibrate(model, list(ids), self.scales == "head", self.percentile)
+        for attention, k, v in zip(attention_modules(model), k_scales, v_scales, strict=True):
+            attach_scales(attention, k, v)
+        model.config.quantization_config = quantization_config(self.scales == "head")
+        model.surgery_kv_cache = self
+        attach_generate_cache(model)
+        ctx.state["tokens"] = ids.numel()
+        return [
+            f"fp8 KV cache with static {self.scales} scales from the {self.percentile:g}th percentile of |k|, |v| on "
+            f"{ids.numel()} tokens of {self.calibration_text}; saved as compressed-tensors' kv_cache_scheme "
+            "with self_attn.k_scale/v_scale (vLLM reads them)"
+        ]
+
+    def restore(self, model: torch.nn.Module, directory: Any) -> None:
+        """Re-attach the calibrated cache to a loaded checkpoint: its scales from the weight files."""
+        if not self.scales or directory is None:
+            return
+        from safetensors import safe_open
+
+        from surgery.checkpoint import weight_files
+
+        found = {}
+        for shard, header in weight_files(directory).items():
+            wanted = [n for n in header if n.endswith(("self_attn.k_scale", "self_attn.v_scale"))]
+            if wanted:
+                with safe_open(shard, framework="pt") as f:
+                    found |= {n: f.get_tensor(n) for n in wanted}
+        for name, attention in attention_names(model):
+            k, v = found.get(f"{name}.k_scale"), found.get(f"{name}.v_scale")
+            if k is None or v is None:
+                raise PatchDidNotTakeEffect(
+                    f"{directory} lacks {name}.k_scale/v_scale, which its kv-quant record needs"
+                )
+            attach_scales(attention, k, v)
+        model.surgery_kv_cache = self
+        attach_generate_cache(model)
+
     def verify(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> None:
         cache = self.make_cache(model)
         layer = cache.layers[0]
         from surgery.patches.kivi import KIVILayer
 
-        ok = isinstance(layer, KIVILayer) if self.method == "int" else type(layer).__name__ == "Fp8QuantizedLayer"
+        if self.scales:
+            scales = [s for a in attention_modules(model) for s in (a.k_scale, a.v_scale)]
+            if not all(bool(torch.isfinite(s).all() and (s > 0).all()) for s in scales):
+                raise PatchDidNotTakeEffect(f"{self.name}: a calibrated scale is not a positive number")
+            expected = (text_config(model.config).num_key_value_heads, 1, 1) if self.scales == "head" else (1,)
+            if any(tuple(s.shape) != expected for s in scales):
+                raise PatchDidNotTakeEffect(f"{self.name}: scales are not shaped {expected}")
+        kind = {"int": "KIVILayer", "fp8": "StaticFp8Layer" if self.scales else "Fp8QuantizedLayer"}[self.method]
+        ok = isinstance(layer, KIVILayer) if self.method == "int" else type(layer).__name__ == kind
         if not ok or getattr(model, "surgery_kv_cache", None) is not self:
             raise PatchDidNotTakeEffect(f"{self.name}: the model would not build the quantized cache")
 
     def details(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> dict[str, Any]:
+        if self.scales:
+            k = torch.cat([a.k_scale.flatten() for a in attention_modules(model)])
+            v = torch.cat([a.v_scale.flatten() for a in attention_modules(model)])
+            return {
+                "calibration_tokens": ctx.state["tokens"],
+                "k_scale": [float(k.min()), float(k.max())],
+                "v_scale": [float(v.min()), float(v.max())],
+            }
         return {"bits": self.bits, "group_size": self.group, "residual": self.residual_tokens}
+
+
+def quant_method(config: Any) -> str | None:
+    return config.get("quant_method") if isinstance(config, dict) else getattr(config, "quant_method", None)
+
+
+def kv_only(config: Any) -> bool:
+    """A compressed-tensors quantization_config that quantizes the KV cache and nothing else."""
+    return (
+        isinstance(config, dict)
+        and quant_method(config) == "compressed-tensors"
+        and not config.get("config_groups")
+        and config.get("kv_cache_scheme") is not None
+    )
+
+
+def attention_names(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(checkpoint name, module) of every decoder layer's attention, in layer order."""
+    return [(n, m) for n, m in model.named_modules() if n.endswith("self_attn")]
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for _, m in attention_names(model)]
+
+
+def attach_scales(attention: torch.nn.Module, k: torch.Tensor, v: torch.Tensor) -> None:
+    """k_scale/v_scale as persistent buffers of the attention module: `save_pretrained` writes them
+    where vLLM looks (`model.layers.N.self_attn.k_scale`), in the weights' dtype as llm-compressor does."""
+    weight = next(attention.parameters())
+    attention.register_buffer("k_scale", k.to(dtype=weight.dtype, device=weight.device), persistent=True)
+    attention.register_buffer("v_scale", v.to(dtype=weight.dtype, device=weight.device), persistent=True)
 
 
 def attach_generate_cache(model: torch.nn.Module) -> None:
