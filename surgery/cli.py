@@ -55,10 +55,11 @@ def main(verbose: bool, quiet: bool) -> None:
 
 
 def quiet_progress_bars() -> None:
-    """No hub or transformers bars: through the environment for libraries not imported yet (both
-    read HF_HUB_DISABLE_PROGRESS_BARS at import; importing them here would cost seconds), and
-    through their switches for those already imported."""
+    """No hub, transformers or other tqdm bars: through the environment for libraries not imported
+    yet (HF_HUB_DISABLE_PROGRESS_BARS is read at import, TQDM_DISABLE by every bar; importing them
+    here would cost seconds), and through their switches for those already imported."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")  # any other library's tqdm bars (compressed-tensors')
     if "huggingface_hub" in sys.modules:
         from huggingface_hub.utils import disable_progress_bars
 

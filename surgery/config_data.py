@@ -37,8 +37,11 @@ LEGACY_ROPE = ("rope_scaling", "rope_theta")  # folded into rope_parameters, as 
 
 
 def data_config(raw: dict[str, Any]) -> ConfigData | None:
-    """The config as data where this module knows its class, else None."""
+    """The config as data where this module knows its class and every field it reads is well
+    formed, else None: transformers' config class then reads (and validates) it."""
     if raw.get("model_type") not in CAUSAL_LM or "quantization_config" in raw or "text_config" in raw:
+        return None
+    if not well_formed(raw):
         return None
     if not {"intermediate_size", "vocab_size"} <= raw.keys():
         return None
@@ -47,6 +50,43 @@ def data_config(raw: dict[str, Any]) -> ConfigData | None:
     if str(raw.get("dtype") or raw.get("torch_dtype") or "float32") not in ("float32", "float16", "bfloat16"):
         return None
     return ConfigData.read(raw)
+
+
+INTS = ("num_hidden_layers", "num_attention_heads", "num_key_value_heads", "hidden_size", "intermediate_size")
+INTS += ("vocab_size", "max_position_embeddings")
+
+
+def positive(value: Any, kind: type = int) -> bool:
+    number = isinstance(value, kind) if kind is int else isinstance(value, (int, float))
+    return number and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def well_formed(raw: dict[str, Any]) -> bool:
+    """The fields this route reads have the types and ranges transformers' classes require, and no
+    layout whose reading is the class's own choice (legacy RoPE keys beside rope_parameters, RoPE
+    per layer type)."""
+    if not all(positive(raw.get(k)) for k in INTS if k in raw):
+        return False
+    if raw.get("head_dim") is not None and not positive(raw["head_dim"]):
+        return False
+    if "tie_word_embeddings" in raw and not isinstance(raw["tie_word_embeddings"], bool):
+        return False
+    if "rms_norm_eps" in raw and not positive(raw["rms_norm_eps"], float):
+        return False
+    types = raw.get("layer_types")
+    if types is not None and types != ["full_attention"] * raw.get("num_hidden_layers", -1):
+        return False  # sliding layers, or a list of the wrong length
+    rope = raw.get("rope_parameters")
+    if "rope_parameters" in raw and rope is None:
+        return False  # the class fills in its default RoPE
+    if rope is not None:
+        if raw.keys() & set(LEGACY_ROPE) or not isinstance(rope, dict):
+            return False
+        if not isinstance(rope.get("rope_type"), str) or not positive(rope.get("rope_theta"), float):
+            return False
+    elif "rope_theta" in raw and not positive(raw["rope_theta"], float):
+        return False
+    return True
 
 
 def expected_shapes(config: ConfigData) -> dict[str, tuple[int, ...]]:

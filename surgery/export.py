@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +28,7 @@ from typing import Any
 
 from surgery.checkpoint import is_gguf
 from surgery.errors import SurgeryError, UnsupportedModel
-from surgery.io import progress
+from surgery.io import atomic_file, progress
 from surgery.patch import history
 
 log = logging.getLogger(__name__)
@@ -102,7 +100,8 @@ def export_gguf(
     out = Path(out)
     if out.suffix != ".gguf":
         raise SurgeryError(f"{out}: name the output FILE.gguf")
-    check_file_target(out, force, here)
+    sources = [here, *source.paths()]
+    check_file_target(out, force, sources)
     model, shards, _ = checked_skeleton(here)  # custom code, damaged shards, missing tensors: refused here
     config = AutoConfig.from_pretrained(here, local_files_only=True, trust_remote_code=False)
     if config.model_type not in ARCH:
@@ -113,27 +112,23 @@ def export_gguf(
             f"GGUF cannot express {'; '.join(lost)}; export without it with --allow-loss, or export the model "
             "before that patch"
         )
-    for item in lost:
-        warn(f"the GGUF file leaves out: {item}")
+    vocab = read_vocab(here, config.vocab_size)
+    pre = tokenizer_pre or gguf_pre_of(here)
+    warnings = [f"the GGUF file leaves out: {item}" for item in lost]
+    if pre is None:
+        pre = "default"
+        warnings.append(
+            "llama.cpp picks its pre-tokenizer by name, which the checkpoint does not record; it will use "
+            "its default: pass --tokenizer-pre NAME (e.g. llama-bpe, qwen2, smollm) for exact tokenization"
+        )
     arch = ARCH[config.model_type]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
     tensors = plan_tensors(model, shards, names, type)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.tmp-", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
+    extra = rope_freqs(config)
+    with atomic_file(out, lambda target: check_file_target(target, force, sources)) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
         write_metadata(writer, config, here, type, source.base_model)
-        pre = tokenizer_pre or gguf_pre_of(here)
-        if pre is None:
-            pre = "default"
-            warn(
-                "llama.cpp picks its pre-tokenizer by name, which the checkpoint does not record; it will use "
-                "its default: pass --tokenizer-pre NAME (e.g. llama-bpe, qwen2, smollm) for exact tokenization"
-            )
-        write_vocab(writer, here, config.vocab_size, pre)
-        extra = rope_freqs(config)
+        write_vocab(writer, here, vocab, pre)
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, t.np_dtype, t.nbytes, raw_dtype=t.qtype)
         if extra is not None:
@@ -149,27 +144,29 @@ def export_gguf(
         if extra is not None:
             writer.write_tensor_data(extra)
         writer.close()
-        if out.exists() and force:
-            out.unlink()
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    for line in warnings:  # said once the file exists, so a refusal stays one line
+        warn(line)
     count = len(tensors) + (extra is not None)
     return Exported(out, type, out.stat().st_size, count, time.perf_counter() - start, lost)
 
 
-def check_file_target(out: Path, force: bool, source: Path) -> None:
-    """An output file may replace only a GGUF file, and only with `force`; never a directory, and
-    never inside the checkpoint it is exported from."""
-    if out.resolve().is_relative_to(source.resolve()):
-        raise SurgeryError(f"{out} is inside the checkpoint it exports; write it elsewhere")
-    if out.is_dir():
-        raise SurgeryError(f"{out} is a directory; name the output FILE.gguf")
-    if out.exists() or out.is_symlink():
-        if not force:
-            raise SurgeryError(f"{out} already exists; pass --force to replace it")
-        if out.is_symlink() or not is_gguf(out):
-            raise SurgeryError(f"{out} is not a GGUF file; --force replaces only a GGUF file: remove it yourself")
+def check_file_target(out: Path, force: bool, sources: list[Path]) -> None:
+    """An output file may replace only a GGUF file, and only with `force`; never a directory, a
+    link or a special file, never the source, and never inside the checkpoint it is exported from."""
+    try:
+        target = out.resolve()
+        for source in sources:
+            if target == source.resolve() or target.is_relative_to(source.resolve()):
+                raise SurgeryError(f"{out} is the source or inside the checkpoint it exports; write it elsewhere")
+        if out.is_dir():
+            raise SurgeryError(f"{out} is a directory; name the output FILE.gguf")
+        if out.exists() or out.is_symlink():
+            if not force:
+                raise SurgeryError(f"{out} already exists; pass --force to replace it")
+            if out.is_symlink() or not out.is_file() or not is_gguf(out):
+                raise SurgeryError(f"{out} is not a GGUF file; --force replaces only a GGUF file: remove it yourself")
+    except OSError as err:  # a name too long, a loop of links, ...
+        raise SurgeryError(f"cannot use {out} as an output: {err.strerror}; choose another output") from None
 
 
 @dataclass
@@ -310,18 +307,27 @@ def rope_freqs(config: Any) -> Any:
     return (plain / scaled).numpy().astype(np.float32)
 
 
-def write_vocab(writer: Any, here: Path, vocab_size: int, pre: str) -> None:
-    """Tokens with their types (special tokens as control), merges or scores, special ids and the
-    chat template, read by the `gguf` package's own vocab classes."""
+@dataclass
+class Vocab:
+    model: str  # gpt2 (byte-level BPE) or llama (SentencePiece)
+    tokens: list[bytes]
+    scores: list[float]
+    types: list[Any]
+
+
+def read_vocab(here: Path, vocab_size: int) -> Vocab:
+    """Tokens with their types (special tokens as control) and scores, read by the `gguf` package's
+    own vocab classes; padded with unused placeholders up to the embedding's rows, as llama.cpp's
+    converter pads. A tokenizer with more tokens than the embedding has rows is refused."""
     import gguf
-    from gguf.vocab import BpeVocab, LlamaHfVocab, SpecialVocab
+    from gguf.vocab import BpeVocab, LlamaHfVocab
 
     try:
         vocab: Any = BpeVocab(here)
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
         try:
             vocab = LlamaHfVocab(here)
-        except (FileNotFoundError, ValueError, TypeError) as err:
+        except (FileNotFoundError, ValueError, KeyError, TypeError) as err:
             raise UnsupportedModel(
                 f"export gguf reads byte-level BPE or SentencePiece tokenizers; {here} has neither ({err})"
             ) from None
@@ -330,20 +336,33 @@ def write_vocab(writer: Any, here: Path, vocab_size: int, pre: str) -> None:
         tokens.append(text)
         scores.append(score)
         types.append(kind)
+    if len(tokens) > vocab_size:
+        raise UnsupportedModel(
+            f"{here}: the tokenizer has {len(tokens)} tokens but the model's embedding only {vocab_size} rows; "
+            "export a checkpoint whose tokenizer matches it"
+        )
     for token_id in special_ids(here):
         if token_id < len(types):
             types[token_id] = gguf.TokenType.CONTROL
-    while len(tokens) < vocab_size:  # embedding rows past the tokenizer: placeholders, as llama.cpp pads
+    while len(tokens) < vocab_size:
         tokens.append(f"[PAD{len(tokens)}]".encode())
         scores.append(-1000.0)
         types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model(vocab.tokenizer_model)
+    return Vocab(vocab.tokenizer_model, tokens, scores, types)
+
+
+def write_vocab(writer: Any, here: Path, vocab: Vocab, pre: str) -> None:
+    """The vocabulary, then merges (BPE), special token ids, BOS/EOS behaviour and the chat
+    template through the `gguf` package's SpecialVocab."""
+    from gguf.vocab import SpecialVocab
+
+    writer.add_tokenizer_model(vocab.model)
     writer.add_tokenizer_pre(pre)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    if vocab.tokenizer_model != "gpt2":
-        writer.add_token_scores(scores)
-    special = SpecialVocab(here, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens))
+    writer.add_token_list(vocab.tokens)
+    writer.add_token_types(vocab.types)
+    if vocab.model != "gpt2":
+        writer.add_token_scores(vocab.scores)
+    special = SpecialVocab(here, load_merges=vocab.model == "gpt2", n_vocab=len(vocab.tokens))
     special.add_special_token["bos"], special.add_special_token["eos"] = adds_bos_eos(here)
     special.add_to_gguf(writer)
 

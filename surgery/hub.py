@@ -294,6 +294,8 @@ def push(
     token itself (HF_TOKEN or the login cache): this function never reads, prints or stores it.
     Tests inject an API object writing a local folder."""
     from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
 
     from surgery.errors import SurgeryError
 
@@ -303,13 +305,25 @@ def push(
     refuse_foreign(folder)
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise SurgeryError(f"repository id '{repo_id}' must look like user/name")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        raise SurgeryError(f"repository id '{repo_id}' is not valid: {str(err).splitlines()[0]}") from None
     files = {str(f.relative_to(folder)): f for f in sorted(folder.rglob("*")) if f.is_file() and not hidden(f, folder)}
+    added: dict[str, Path] = {}
     for extra in map(Path, gguf):
-        if not is_gguf(extra):
+        if not extra.exists():
+            raise SurgeryError(f"--gguf {extra}: no such file")
+        if extra.is_symlink() or not extra.is_file() or not is_gguf(extra):
             raise SurgeryError(f"{extra} is not a GGUF file; pass one written by `surgery export gguf`")
+        if extra.name in added:
+            if added[extra.name].resolve() == extra.resolve():
+                continue  # the same file named twice
+            raise SurgeryError(f"two GGUF files are named {extra.name}; rename one")
         if extra.name in files:
             raise SurgeryError(f"{folder} already holds a file named {extra.name}; rename the GGUF")
-        files[extra.name] = extra
+        added[extra.name] = extra
+    files |= added
     api = api if api is not None else HfApi()
     message = commit_message or f"surgery: {', '.join(r['name'] for r in read_patches(folder)) or 'upload'}"
     try:
@@ -343,6 +357,8 @@ def hidden(path: Path, root: Path) -> bool:
 def refuse_foreign(folder: Path) -> None:
     """Never publish code, pickles or pointers at custom code: a folder holding any is refused."""
     for f in sorted(folder.rglob("*")):
+        if f.is_symlink():
+            raise UnsafeInput(f"{folder}/{f.relative_to(folder)} is a symbolic link; surgery pushes regular files only")
         if f.is_file() and not carried_over(f):
             raise UnsafeInput(f"{folder} holds {f.relative_to(folder)} (code or a pickle); surgery pushes neither")
         if f.suffix == ".json" and auto_map_of(f) is not None:

@@ -26,7 +26,7 @@ import shutil
 import signal
 import tempfile
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -236,6 +236,34 @@ def reserve(out: str | Path, force: bool = False, sources: Iterable[str | Path] 
                 yield out
             finally:
                 _held.discard(key)
+    except BaseException:
+        _remove_empty(created)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_file(out: Path, check: Callable[[Path], None]) -> Iterator[Path]:
+    """Write the single output file `out`: `check(out)` refuses what may not be replaced (again
+    under the lock, so two writers cannot both pass it), missing parents are created (and removed
+    again on failure), the content goes to `.NAME.tmp-file` beside it (which the next writer
+    removes if this one is killed) and is renamed into place with the umask's modes. A file system
+    error is one line."""
+    out = Path(out)
+    check(out)
+    created = _make_parents(out.parent)
+    try:
+        with _lock(out):
+            check(out)
+            tmp = out.parent / hidden_name(out, "tmp-file")
+            tmp.unlink(missing_ok=True)  # a killed writer's
+            try:
+                yield tmp
+                os.chmod(tmp, 0o666 & ~UMASK)
+                os.replace(tmp, out)
+            except OSError as err:
+                raise UnsafeOutput(f"cannot write {out}: {err.strerror or err}; choose another output") from None
+            finally:
+                tmp.unlink(missing_ok=True)
     except BaseException:
         _remove_empty(created)
         raise

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from huggingface_hub.errors import StrictDataclassError
+
 from surgery.checkpoint import check_config, check_tensors, check_tokenizer, weight_files
 from surgery.errors import ModelNotFound, SurgeryError, UnsafeInput
 from surgery.lazy import torch
@@ -41,6 +43,8 @@ BUILTIN: dict[str, BuiltinModel] = {
 }
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+# what transformers raises for a config.json it cannot use (a wrong type, 0 heads, an unknown rope type)
+BAD_CONFIG = (ValueError, TypeError, KeyError, AttributeError, ZeroDivisionError, StrictDataclassError)
 SOURCE_FILE = "surgery-source.json"  # written next to a converted GGUF: where it came from
 
 
@@ -245,13 +249,21 @@ def _hub_error(ref: str, err: Exception) -> ModelNotFound:
     )
 
 
+def reason(err: BaseException) -> str:
+    """The first line of an exception's message, or its type."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+
+
 def skeleton(config: Any) -> Any:
     """The model built from `config` with parameters on the meta device and real buffers (RoPE)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config)
+    try:
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config)
+    except BAD_CONFIG as err:  # a value the modeling code cannot build with (0 heads, an unknown rope type)
+        raise UnsafeInput(f"cannot build {config.model_type} from its config: {reason(err)}; fix config.json") from None
     model.tie_weights()  # from_pretrained ties; without it tied parameters are counted twice
     return model
 
@@ -270,7 +282,10 @@ def checked_skeleton(path: Path) -> tuple[Any, list[Path], Any]:
 
     check_config(path)
     headers = weight_files(path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    except BAD_CONFIG as err:  # a wrong type or value transformers' config class rejects
+        raise UnsafeInput(f"{path}/config.json is not a valid config: {reason(err)}; fix it") from None
     dtype = config.dtype
     model = skeleton(config)
     check_tensors(path, headers, expected_shapes(model))
@@ -343,7 +358,7 @@ def load_config(ref: str) -> Any:
             gguf = Path(source.location)
             return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, **safe)
         return AutoConfig.from_pretrained(source.location, **safe)
-    except (OSError, ValueError, KeyError, TypeError) as err:
+    except (OSError, *BAD_CONFIG) as err:
         if source.kind == "hub":
             raise _hub_error(ref, err) from err
-        raise ModelNotFound(f"could not read the config of {ref}: {err}") from err
+        raise ModelNotFound(f"could not read the config of {ref}: {reason(err)}") from None

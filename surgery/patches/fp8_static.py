@@ -45,7 +45,7 @@ def calibrate(
     device = next(model.parameters()).device
     for ids in blocks:
         cache = DynamicCache(config=model.config)
-        model(ids.to(device).unsqueeze(0), past_key_values=cache, use_cache=True)
+        model(ids.to(device).unsqueeze(0), cache=cache, use_cache=True)
         for i, layer in enumerate(cache.layers):
             for name, states in (("k", layer.keys), ("v", layer.values)):
                 values = states.float().abs().transpose(0, 1).flatten(1)  # (kv_heads, tokens x head_dim)

@@ -122,6 +122,11 @@ class KVQuant(Patch):
                 f"{self.name}: this model has sliding-window layers, whose cache drops old tokens; quantized caches "
                 "(transformers' included) keep every token, so they cannot run it. Quantize a full-attention model"
             )
+        if kv_only(getattr(model.config, "quantization_config", None)) and getattr(model, "hf_quantizer", None):
+            raise UnsupportedModel(
+                f"{self.name}: this checkpoint already carries calibrated fp8 KV scales (compressed-tensors), "
+                "which a second kv-quant cannot replace on disk; apply kv-quant to the model they were calibrated on"
+            )
         if self.method == "int":
             dim = head_dim(config)
             if dim % self.group or dim % (8 // self.bits):
@@ -153,6 +158,10 @@ class KVQuant(Patch):
             return self._calibrate(model, ctx)
         if kv_only(getattr(model.config, "quantization_config", None)):  # an earlier calibrated kv-quant
             del model.config.quantization_config
+            for attention in attention_modules(model):
+                for name in ("k_scale", "v_scale"):
+                    if name in attention._buffers:
+                        del attention._buffers[name]
         if self.method == "fp8":
             gen.cache_implementation, gen.cache_config = "quantized", {"backend": "fp8"}
             model.surgery_kv_cache = self
@@ -190,6 +199,21 @@ class KVQuant(Patch):
             "with self_attn.k_scale/v_scale (vLLM reads them)"
         ]
 
+    def check_scales(self, model: torch.nn.Module, where: str) -> None:
+        """Every k/v scale is a positive finite number per tensor or per kv head, as `scales` says."""
+        expected = (text_config(model.config).num_key_value_heads, 1, 1) if self.scales == "head" else (1,)
+        for name, attention in attention_names(model):
+            for kind in ("k_scale", "v_scale"):
+                scale = getattr(attention, kind, None)
+                if scale is None or tuple(scale.shape) != expected:
+                    shape = None if scale is None else list(scale.shape)
+                    raise PatchDidNotTakeEffect(
+                        f"{self.name}: the {where} {name}.{kind} is shaped {shape}, not {list(expected)} "
+                        f"({self.scales} scales)"
+                    )
+                if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+                    raise PatchDidNotTakeEffect(f"{self.name}: the {where} {name}.{kind} is not a positive number")
+
     def restore(self, model: torch.nn.Module, directory: Any) -> None:
         """Re-attach the calibrated cache to a loaded checkpoint: its scales from the weight files."""
         if not self.scales or directory is None:
@@ -211,6 +235,7 @@ class KVQuant(Patch):
                     f"{directory} lacks {name}.k_scale/v_scale, which its kv-quant record needs"
                 )
             attach_scales(attention, k, v)
+        self.check_scales(model, f"saved (in {directory})")
         model.surgery_kv_cache = self
         attach_generate_cache(model)
 
@@ -220,12 +245,7 @@ class KVQuant(Patch):
         from surgery.patches.kivi import KIVILayer
 
         if self.scales:
-            scales = [s for a in attention_modules(model) for s in (a.k_scale, a.v_scale)]
-            if not all(bool(torch.isfinite(s).all() and (s > 0).all()) for s in scales):
-                raise PatchDidNotTakeEffect(f"{self.name}: a calibrated scale is not a positive number")
-            expected = (text_config(model.config).num_key_value_heads, 1, 1) if self.scales == "head" else (1,)
-            if any(tuple(s.shape) != expected for s in scales):
-                raise PatchDidNotTakeEffect(f"{self.name}: scales are not shaped {expected}")
+            self.check_scales(model, "calibrated")
         kind = {"int": "KIVILayer", "fp8": "StaticFp8Layer" if self.scales else "Fp8QuantizedLayer"}[self.method]
         ok = isinstance(layer, KIVILayer) if self.method == "int" else type(layer).__name__ == kind
         if not ok or getattr(model, "surgery_kv_cache", None) is not self:
@@ -248,10 +268,13 @@ def quant_method(config: Any) -> str | None:
 
 
 def kv_only(config: Any) -> bool:
-    """A compressed-tensors quantization_config that quantizes the KV cache and nothing else."""
+    """A compressed-tensors quantization_config (as written, or as transformers loads it) that
+    quantizes the KV cache and nothing else."""
+    if config is not None and not isinstance(config, dict) and hasattr(config, "to_dict"):
+        config = config.to_dict()
     return (
         isinstance(config, dict)
-        and quant_method(config) == "compressed-tensors"
+        and str(quant_method(config)).lower().replace("_", "-") == "compressed-tensors"
         and not config.get("config_groups")
         and config.get("kv_cache_scheme") is not None
     )
