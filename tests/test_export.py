@@ -97,7 +97,10 @@ def test_f16_and_q8_0_stay_within_a_stated_tolerance(embedded, ids, exact, tmp_p
         assert types["blk.0.attn_norm.weight"] == gguf.GGMLQuantizationType.F32
 
 
-def test_yarn_and_mqa_are_in_the_metadata_and_the_logits(embedded, ids, tmp_path):
+def test_yarn_and_mqa_are_in_the_metadata_and_the_logits(embedded, ids, tmp_path, monkeypatch):
+    from surgery.models import gguf_rope_parameters
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))  # the exported GGUF converts here, not in ~
     runner = CliRunner()
     for patch, flags in (("yarn", ["--factor", "2"]), ("mqa", [])):
         patched = tmp_path / patch
@@ -115,6 +118,7 @@ def test_yarn_and_mqa_are_in_the_metadata_and_the_logits(embedded, ids, tmp_path
             assert field(reader, "llama.context_length") == 16384
             # transformers' GGUF loader drops the scaling; surgery's reads it back from the file
             assert not torch.equal(logits_of(stock, ids), logits_of(reference, ids))
+            assert gguf_rope_parameters(out) == reference.config.rope_parameters
             loaded = surgery.load_model(str(out))[0]
             assert loaded.config.rope_parameters["rope_type"] == "yarn"
             assert torch.equal(logits_of(loaded, ids), logits_of(reference, ids))

@@ -2,7 +2,7 @@
 and q8_0, and how the logits transformers' own GGUF loader computes from each file agree with the
 safetensors checkpoint's on held-out pydoc (mean KL per token, top-1 agreement, max |difference|).
 
-    python bench/gguf.py [--tokens 512] [--windows 2] [--out DIR]"""
+    python bench/gguf_export.py [--tokens 512] [--windows 2] [--out DIR]"""
 
 from __future__ import annotations
 
