@@ -24,19 +24,29 @@ NOT_COPIED = {"config.json", "README.md", MANIFEST, SOURCE_FILE}  # rewritten, n
 
 
 def manifest(config: Any, base_model: str | None, run: dict[str, Any] | None = None) -> dict[str, Any]:
-    from importlib.metadata import version
-
     return {
         "base_model": base_model,
         **({"run": run} if run else {}),
         "patches": history(config),
         "versions": {
-            "surgery": version("surgery"),
-            "transformers": version("transformers"),
-            "torch": version("torch"),  # read without importing torch (the config route never does)
+            "surgery": installed("surgery"),
+            "transformers": installed("transformers"),
+            "torch": installed("torch"),  # read without importing torch (the config route never does)
         },
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def installed(package: str) -> str:
+    """A package's installed version from its metadata; by import where it is not pip's (conda)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        import importlib
+
+        return str(getattr(importlib.import_module(package), "__version__", "unknown"))
 
 
 def model_card(config: Any, base_model: str | None, extra: str = "", evals: Sequence[tuple[str, Any]] = ()) -> str:

@@ -82,6 +82,7 @@ def exact(embedded, ids):
 TOLERANCE = {"f16": 1e-4, "q8_0": 1e-2}
 
 
+@pytest.mark.heavy  # two more exports and loads of the embedded model; `make test-all` runs it
 def test_f16_and_q8_0_stay_within_a_stated_tolerance(embedded, ids, exact, tmp_path):
     for kind, tolerance in TOLERANCE.items():
         out = tmp_path / f"smollm2-{kind}.gguf"
