@@ -127,6 +127,12 @@ class KVQuant(Patch):
                 f"{self.name}: this checkpoint already carries calibrated fp8 KV scales (compressed-tensors), "
                 "which a second kv-quant cannot replace on disk; apply kv-quant to the model they were calibrated on"
             )
+        existing = getattr(model.config, "quantization_config", None)
+        if self.scales and existing is not None and not kv_only(existing):
+            raise UnsupportedModel(
+                f"{self.name}: the model already has a quantization_config ({quant_method(existing)}); "
+                "calibrated fp8 scales would replace it: quantize the KV cache of an unquantized model"
+            )
         if self.method == "int":
             dim = head_dim(config)
             if dim % self.group or dim % (8 // self.bits):
@@ -151,11 +157,11 @@ class KVQuant(Patch):
         return Cache(layers=[KIVILayer(self.bits, self.group, self.residual_tokens) for _ in range(n)])
 
     def rewrite(self, model: torch.nn.Module, ctx: Context) -> list[str]:
+        if self.scales:
+            return self._calibrate(model, ctx)
         gen = model.generation_config
         if gen.cache_implementation == "quantized":  # an earlier fp8 kv-quant: this one replaces it
             gen.cache_implementation, gen.cache_config = None, None
-        if self.scales:
-            return self._calibrate(model, ctx)
         if kv_only(getattr(model.config, "quantization_config", None)):  # an earlier calibrated kv-quant
             del model.config.quantization_config
             for attention in attention_modules(model):
@@ -179,13 +185,10 @@ class KVQuant(Patch):
 
         if ctx.tokenizer is None:
             raise UnsupportedModel(f"{self.name}: calibrating fp8 scales needs the model's tokenizer")
-        existing = getattr(model.config, "quantization_config", None)
-        if existing is not None and not kv_only(existing):
-            raise UnsupportedModel(
-                f"{self.name}: the model already has a quantization_config ({quant_method(existing)}); "
-                "calibrated fp8 scales would replace it: quantize the KV cache of an unquantized model"
-            )
         ids = calibration_ids(model, ctx.tokenizer, self.calibration_text, self.calibration_tokens)
+        gen = model.generation_config
+        if gen.cache_implementation == "quantized":  # an earlier fp8 kv-quant: this one replaces it
+            gen.cache_implementation, gen.cache_config = None, None
         k_scales, v_scales = calibrate(model, list(ids), self.scales == "head", self.percentile)
         for attention, k, v in zip(attention_modules(model), k_scales, v_scales, strict=True):
             attach_scales(attention, k, v)
