@@ -57,8 +57,14 @@ INTS += ("vocab_size", "max_position_embeddings")
 
 
 def positive(value: Any, kind: type = int) -> bool:
+    """A positive finite number (an int where `kind` is int); not a bool, not beyond a float."""
     number = isinstance(value, kind) if kind is int else isinstance(value, (int, float))
-    return number and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    if not number or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and 0 < value < 1 << 62
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def well_formed(raw: dict[str, Any]) -> bool:
