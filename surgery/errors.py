@@ -8,6 +8,11 @@ import difflib
 from typing import Any
 
 
+def reason(err: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (cut to `limit` characters), or its type's name."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:limit]
+
+
 class SurgeryError(Exception):
     """Base of every error a user can cause and fix."""
 

@@ -86,7 +86,6 @@ def export_gguf(
     """Write the checkpoint at `src` (a saved directory, or anything `surgery.load_model` resolves
     to one) as the GGUF file `out`; see the module docstring."""
     import gguf
-    from transformers import AutoConfig
 
     from surgery.models import checked_skeleton, local_dir, resolve
 
@@ -102,8 +101,8 @@ def export_gguf(
         raise SurgeryError(f"{out}: name the output FILE.gguf")
     sources = [here, *source.paths()]
     check_file_target(out, force, sources)
-    model, shards, _ = checked_skeleton(here)  # custom code, damaged shards, missing tensors: refused here
-    config = AutoConfig.from_pretrained(here, local_files_only=True, trust_remote_code=False)
+    model, headers, _ = checked_skeleton(here)  # custom code, damaged shards, missing tensors: refused here
+    config = model.config
     if config.model_type not in ARCH:
         raise UnsupportedModel(f"export gguf supports model types {', '.join(ARCH)}; got '{config.model_type}'")
     lost = lost_in_gguf(config)
@@ -123,7 +122,7 @@ def export_gguf(
         )
     arch = ARCH[config.model_type]
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
-    tensors = plan_tensors(model, shards, names, type)
+    tensors = plan_tensors(model, headers, names, type)
     extra = rope_freqs(config)
     with atomic_file(out, lambda target: check_file_target(target, force, sources)) as tmp:
         writer = gguf.GGUFWriter(tmp, arch)
@@ -208,17 +207,13 @@ def permute(weights: Any, heads: int) -> Any:
     )
 
 
-def plan_tensors(model: Any, shards: list[Path], names: Any, type: str) -> list[Tensor]:
-    """Every parameter of the skeleton (tied ones once) with its shard, GGUF name, type and size."""
+def plan_tensors(model: Any, headers: dict[Path, dict[str, Any]], names: Any, type: str) -> list[Tensor]:
+    """Every parameter of the skeleton (tied ones once) with its shard (from the checked headers),
+    GGUF name, type and size."""
     import gguf
     import numpy as np
 
-    from surgery.checkpoint import read_header
-
-    where = {}
-    for shard in shards:
-        header, _ = read_header(shard)
-        where |= {k: shard for k in header if k != "__metadata__"}
+    where = {name: shard for shard, header in headers.items() for name in header if name != "__metadata__"}
     config = model.config
     arch = ARCH[config.model_type]
     out = []

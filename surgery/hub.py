@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.checkpoint import auto_map_of, carried_over, is_gguf
-from surgery.errors import UnsafeInput
+from surgery.errors import UnsafeInput, reason
 from surgery.io import atomic_dir, clone_file, reserve
 from surgery.models import SOURCE_FILE, checked_skeleton
 from surgery.patch import Patch, PatchRecord, get_patch, history
@@ -349,9 +349,8 @@ def push(
             repo_type="model",
         )
     except Exception as err:  # HTTP errors, and the HTTP client's own connection errors (not OSError)
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise SurgeryError(
-            f"push to {repo_id} failed: {reason}; check `hf auth login` or HF_TOKEN and your network"
+            f"push to {repo_id} failed: {reason(err)}; check `hf auth login` or HF_TOKEN and your network"
         ) from None
     url = f"https://huggingface.co/{repo_id}" + (f"/tree/{revision}" if revision else "")
     url = (getattr(info, "pr_url", None) or url) if create_pr else url

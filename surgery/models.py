@@ -18,7 +18,7 @@ from typing import Any, Literal
 from huggingface_hub.errors import StrictDataclassError
 
 from surgery.checkpoint import check_config, check_tensors, check_tokenizer, weight_files
-from surgery.errors import ModelNotFound, SurgeryError, UnsafeInput
+from surgery.errors import ModelNotFound, SurgeryError, UnsafeInput, reason
 from surgery.lazy import torch
 from surgery.patch import Context, history, make_patch
 
@@ -161,8 +161,7 @@ def check_gguf(path: Path) -> None:
         reader = GGUFReader(path)
         reader.fields["general.architecture"]
     except Exception as err:  # the reader raises ValueError, KeyError, struct and numpy errors
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
-        raise UnsafeInput(f"{path} is not a readable GGUF file ({reason}); pass a complete .gguf") from None
+        raise UnsafeInput(f"{path} is not a readable GGUF file ({reason(err, 200)}); pass a complete .gguf") from None
 
 
 def convert_gguf(source: Source) -> Path:
@@ -242,16 +241,10 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype | str:
 
 
 def _hub_error(ref: str, err: Exception) -> ModelNotFound:
-    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return ModelNotFound(
-        f"could not load '{ref}' from the Hugging Face Hub ({reason}); check the id, your network "
+        f"could not load '{ref}' from the Hugging Face Hub ({reason(err)}); check the id, your network "
         f"and HF_TOKEN, or pass a local directory, a .gguf file or one of: {', '.join(BUILTIN)}"
     )
-
-
-def reason(err: BaseException) -> str:
-    """The first line of an exception's message, or its type."""
-    return (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
 
 
 def skeleton(config: Any) -> Any:
@@ -263,7 +256,9 @@ def skeleton(config: Any) -> Any:
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config)
     except BAD_CONFIG as err:  # a value the modeling code cannot build with (0 heads, an unknown rope type)
-        raise UnsafeInput(f"cannot build {config.model_type} from its config: {reason(err)}; fix config.json") from None
+        raise UnsafeInput(
+            f"cannot build {config.model_type} from its config: {reason(err, 300)}; fix config.json"
+        ) from None
     model.tie_weights()  # from_pretrained ties; without it tied parameters are counted twice
     return model
 
@@ -273,9 +268,9 @@ def expected_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     return {name: tuple(p.shape) for name, p in model.named_parameters()}
 
 
-def checked_skeleton(path: Path) -> tuple[Any, list[Path], Any]:
-    """(meta-device skeleton, safetensors files, checkpoint dtype) of the local checkpoint at
-    `path`, once it has passed every input check: a config without custom code, headers and index
+def checked_skeleton(path: Path) -> tuple[Any, dict[Path, dict[str, Any]], Any]:
+    """(meta-device skeleton, safetensors files with their headers, checkpoint dtype) of the local
+    checkpoint at `path`, once it has passed every input check: a config without custom code, headers and index
     intact, and every parameter the config implies present with its shape (transformers would
     fill a missing one with random values). The skeleton's config names the real model class."""
     from transformers import AutoConfig
@@ -285,12 +280,12 @@ def checked_skeleton(path: Path) -> tuple[Any, list[Path], Any]:
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
     except BAD_CONFIG as err:  # a wrong type or value transformers' config class rejects
-        raise UnsafeInput(f"{path}/config.json is not a valid config: {reason(err)}; fix it") from None
+        raise UnsafeInput(f"{path}/config.json is not a valid config: {reason(err, 300)}; fix it") from None
     dtype = config.dtype
     model = skeleton(config)
     check_tensors(path, headers, expected_shapes(model))
     model.config.architectures = [type(model).__name__]  # never a class name the source made up
-    return model, list(headers), dtype
+    return model, headers, dtype
 
 
 def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None = None) -> tuple[Any, Any]:
@@ -320,8 +315,7 @@ def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None =
         if isinstance(err, SurgeryError):
             raise
         if local:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ModelNotFound(f"could not load {where}: {reason}") from None
+            raise ModelNotFound(f"could not load {where}: {reason(err)}") from None
         raise _hub_error(ref, err) from None
     tokenizer = None
     if path is None or any((path / f).is_file() for f in TOKENIZER_FILES):
@@ -329,8 +323,7 @@ def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None =
         try:
             tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local, trust_remote_code=False)
         except (OSError, ValueError, TypeError) as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            log.debug("no tokenizer for %s (%s); continuing without one", ref, reason)
+            log.debug("no tokenizer for %s (%s); continuing without one", ref, reason(err))
     else:
         log.debug("%s has no tokenizer files; continuing without a tokenizer", where)  # evals say so if they need one
     model.eval()
@@ -361,4 +354,4 @@ def load_config(ref: str) -> Any:
     except (OSError, *BAD_CONFIG) as err:
         if source.kind == "hub":
             raise _hub_error(ref, err) from err
-        raise ModelNotFound(f"could not read the config of {ref}: {reason(err)}") from None
+        raise ModelNotFound(f"could not read the config of {ref}: {reason(err, 300)}") from None

@@ -196,12 +196,16 @@ class Patch(BaseModel):
     def supports(self, model: torch.nn.Module) -> None:
         """Raise `UnsupportedModel` unless this patch can run on `model`: the architecture list
         (one message for every patch), then the patch's own `check`. Works on a meta skeleton."""
-        types = {model.config.model_type, text_config(model.config).model_type}
+        self.check_architecture(model.config)
+        self.check(model)
+
+    def check_architecture(self, config: Any) -> None:
+        """Raise `UnsupportedModel` unless the model type (or its text model's) is in the list."""
+        types = {config.model_type, text_config(config).model_type}
         if not types & set(self.architectures):
             raise UnsupportedModel(
-                f"{self.name} supports model types {', '.join(self.architectures)}; got '{model.config.model_type}'"
+                f"{self.name} supports model types {', '.join(self.architectures)}; got '{config.model_type}'"
             )
-        self.check(model)
 
     def apply(self, model: torch.nn.Module, tokenizer: Any = None) -> PatchRecord:
         """check -> rewrite -> verify, then record the result in `model.config.surgery`.
@@ -236,10 +240,7 @@ def apply_to_config(patch: Patch, config: Any, parameters: int, dtype_bytes: flo
     dtype the caller read from the safetensors headers."""
     assert patch.config_data, f"{patch.name} cannot run on a config alone"
     ctx = Context()
-    if text_config(config).model_type not in patch.architectures:
-        raise UnsupportedModel(
-            f"{patch.name} supports model types {', '.join(patch.architectures)}; got '{config.model_type}'"
-        )
+    patch.check_architecture(config)
     patch.check_config(text_config(config))
     before = {k: v for k, v in config.to_dict().items() if k != "surgery"}
     kv_before = kv_bytes_per_token(config, dtype_bytes)

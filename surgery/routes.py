@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 Route = Literal["config", "stream", "memory"]
 ROUTES = ("auto", "config", "stream", "memory")
+CONFIG_ONLY = "changes the config only: no weight is read"  # why a patch takes the config route
 
 
 @dataclass
@@ -89,7 +90,7 @@ def plan_routes(
     for patch in patches:
         if loaded is None:
             if patch.config_only:
-                steps.append(Step(patch, "config", "changes the config only: no weight is read"))
+                steps.append(Step(patch, "config", CONFIG_ONLY))
             elif type(patch).streamable and route != "config":
                 try:
                     patch.tensor_transform(model.config)
@@ -148,7 +149,7 @@ def apply_to_checkpoint(
         if on_disk and dtype == "auto" and route != "memory":
             records = apply_config_data(patches, here, out, base_model=source.base_model, force=force)
             if records is not None:  # config-only patches on a config read as data: torch never imported
-                plan = Plan([Step(p, "config", "changes the config only: no weight is read") for p in patches])
+                plan = Plan([Step(p, "config", CONFIG_ONLY) for p in patches])
                 for line in plan.describe():
                     say(line)
                 return Applied(out, records, plan, time.perf_counter() - start)

@@ -141,7 +141,7 @@ def apply_streaming(
         model.config.dtype = dtype
         with atomic_dir(out, force, [src]) as tmp:
             copy_unchanged(src, tmp, skip=[INDEX, *(s.name for s in shards)])
-            write_shards(src, shards, tmp, transform)
+            write_shards(src, list(shards), tmp, transform)
             model.config.save_pretrained(tmp)
             write_metadata(tmp, model.config, base_model)
     return out, record
