@@ -1,6 +1,6 @@
 """Config arithmetic only: the text config of multimodal wrappers, head sizes, per-layer windows,
-and KV-cache bytes per token and per context. No model is loaded and nothing is imported from the
-rest of the package."""
+and KV-cache bytes per token and per context (MHA, GQA and MLA caches). No model is loaded and
+nothing is imported from the rest of the package."""
 
 from __future__ import annotations
 
@@ -44,17 +44,37 @@ def layer_windows(config: Any) -> list[int | None]:
     return [window or None] * config.num_hidden_layers
 
 
+def latent_dims(config: Any) -> tuple[int, int] | None:
+    """(kv_lora_rank, qk_rope_head_dim) for multi-head latent attention (DeepseekV2/V3), else None:
+    such a cache holds one latent and one shared RoPE key per token and layer, not per-head k and v."""
+    text = text_config(config)
+    rank = getattr(text, "kv_lora_rank", None)
+    return (rank, text.qk_rope_head_dim) if rank else None
+
+
+def kv_values_per_layer(config: Any, kv_heads_override: int | None = None) -> int:
+    """Values one token adds to one layer's cache: 2 x kv_heads x head_dim, or latent + RoPE key for
+    MLA. `kv_heads_override` prices the per-head cache instead (for MLA: the expanded keys and values)."""
+    text = text_config(config)
+    latent = latent_dims(config)
+    if latent and kv_heads_override is None:
+        return sum(latent)
+    if latent:
+        return kv_heads_override * (text.qk_nope_head_dim + text.qk_rope_head_dim + text.v_head_dim)
+    return 2 * (kv_heads_override or kv_heads(config)) * head_dim(config)
+
+
 def kv_bytes_per_token(config: Any, bytes_per_element: float, kv_heads_override: int | None = None) -> int:
-    """2 (k and v) x layers x kv_heads x head_dim x bytes: the uncapped cost of one token."""
-    n_kv = kv_heads_override or kv_heads(config)
-    return int(2 * text_config(config).num_hidden_layers * n_kv * head_dim(config) * bytes_per_element)
+    """Values per layer (2 x kv_heads x head_dim, or MLA's latent + RoPE key) x layers x bytes: the
+    uncapped cost of one token."""
+    values = kv_values_per_layer(config, kv_heads_override)
+    return int(text_config(config).num_hidden_layers * values * bytes_per_element)
 
 
 def kv_cache_bytes(
     config: Any, tokens: int, bytes_per_element: float, batch: int = 1, kv_heads_override: int | None = None
 ) -> int:
     """Bytes of a KV cache holding `tokens` tokens per sequence; sliding layers keep their window."""
-    n_kv = kv_heads_override or kv_heads(config)
-    per_layer_token = 2 * n_kv * head_dim(config) * bytes_per_element
+    per_layer_token = kv_values_per_layer(config, kv_heads_override) * bytes_per_element
     kept = sum(min(tokens, w) if w else tokens for w in layer_windows(config))
     return int(per_layer_token * kept * batch)

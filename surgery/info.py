@@ -16,6 +16,7 @@ from surgery.arch import (
     kv_bytes_per_token,
     kv_cache_bytes,
     kv_heads,
+    latent_dims,
     layer_windows,
     text_config,
 )
@@ -40,7 +41,9 @@ class ModelInfo(BaseModel):
     query_heads: int
     kv_heads: int
     head_dim: int
-    attention: str  # MHA, GQA-<groups>, MQA
+    attention: str  # MHA, GQA-<groups>, MQA, MLA
+    latent: int | None = None  # MLA: kv_lora_rank
+    rope_key: int | None = None  # MLA: qk_rope_head_dim of the shared RoPE key
     sliding_window: int | None
     sliding_layers: int
     rope: dict[str, Any]
@@ -228,14 +231,17 @@ def inspect(
     query = text.num_attention_heads
     kv = kv_heads(config)
     windows = [w for w in layer_windows(config) if w]
+    latent, rope_key = latent_dims(config) or (None, None)
     return ModelInfo(
         architecture=architecture(config),
         model_type=text.model_type,
         layers=text.num_hidden_layers,
         query_heads=query,
         kv_heads=kv,
-        head_dim=head_dim(config),
-        attention=attention_kind(query, kv),
+        head_dim=text.v_head_dim if latent else head_dim(config),
+        attention="MLA" if latent else attention_kind(query, kv),
+        latent=latent,
+        rope_key=rope_key,
         sliding_window=windows[0] if windows else None,
         sliding_layers=len(windows),
         rope=dict(getattr(text, "rope_parameters", None) or {}),
@@ -291,7 +297,8 @@ def render(info: ModelInfo) -> str:
         f"parameters       {human_count(info.parameters)} ({info.parameters:,})",
         f"layers           {info.layers}",
         f"heads            {info.query_heads} query, {info.kv_heads} kv, head_dim {info.head_dim}",
-        f"attention        {info.attention}",
+        f"attention        {info.attention}"
+        + (f" (cached per token and layer: latent {info.latent} + RoPE key {info.rope_key})" if info.latent else ""),
         f"sliding window   {window}",
         f"rope             {rope_text or 'none'}",
         f"max positions    {info.max_position_embeddings}",
@@ -302,7 +309,7 @@ def render(info: ModelInfo) -> str:
         f"kv cache         {human_bytes(info.kv_bytes_per_token)} per token ({info.kv_dtype}, batch {info.batch})"
         + (
             f"; {human_bytes(info.kv_bytes_per_token_if_mha)} if every query head had its own kv head"
-            if info.kv_heads != info.query_heads
+            if info.kv_heads != info.query_heads or info.latent
             else ""
         )
     )

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from surgery.arch import kv_bytes_per_token, text_config
 from surgery.errors import (
     InvalidParams,
+    SurgeryError,
     UnknownPatch,
     UnsupportedModel,
     did_you_mean,
@@ -161,6 +162,22 @@ class Patch(BaseModel):
         """Called by `surgery.load_model` for each recorded patch of a loaded checkpoint (`directory`:
         its local files, or None): re-attach what transformers does not rebuild from the files (the
         calibrated fp8 cache). Runtime patches are re-applied by `rewrite` instead."""
+
+    def tokenizer_for(self, model: torch.nn.Module, ctx: Context) -> Any:
+        """The tokenizer data-aware patches read calibration text with: the one passed to `apply`,
+        else the model's own from its local directory."""
+        if ctx.tokenizer is not None:
+            return ctx.tokenizer
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True, trust_remote_code=False)
+        except (OSError, ValueError) as err:
+            method = getattr(self, "method", None)
+            raise SurgeryError(
+                f"{self.name}{f' method={method}' if method else ''} needs the model's tokenizer for calibration "
+                "text; pass tokenizer= to apply()"
+            ) from err
 
     def tensor_transform(self, config: Any):
         """For streamable patches: a function (checkpoint tensor name, tensor) -> new tensor,

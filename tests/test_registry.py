@@ -15,7 +15,11 @@ from surgery.patch import PATCHES
 from tests.conftest import ARCHS, char_tokenizer, logits, tiny_config, tiny_model, tokens
 
 # (patch, arch) pairs that must be refused, with the reason the refusal must give
-REFUSED = {("dynamic-ntk", "phi3"): "cannot persist"}
+REFUSED = {
+    ("dynamic-ntk", "phi3"): "cannot persist",
+    ("mla", "qwen2"): "q/k/v projections have biases",
+    ("mla", "qwen3"): "q_norm/k_norm",
+}
 
 CASES = [
     (name, i, arch) for name in sorted(PATCHES) for i in range(len(PATCHES[name].examples)) for arch in sorted(ARCHS)

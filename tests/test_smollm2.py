@@ -86,3 +86,26 @@ def test_kv_int8_greedy_matches_and_perplexity_deltas(smollm2):
     surgery.apply(quant, "kv-quant", bits=4)
     int4 = ppl.run(quant, tokenizer).metrics[key]
     assert base < int4 <= base * 1.02
+
+
+def test_full_rank_mla_of_the_mqa_pooled_model_reproduces_its_logits(smollm2, tmp_path):
+    """3 -> 1 kv heads by mean pooling, then MLA keeping all 64 RoPE dimensions and a latent of the
+    64 value dimensions plus the norm's constant channel: the same function, as a stock DeepseekV3.
+    Tolerance: float32 rounding of another multiplication order through 30 layers, and the latent
+    norm's scale (within 5e-7 relative by construction), on logits of magnitude ~20."""
+    _, tokenizer = smollm2
+    model = AutoModelForCausalLM.from_pretrained(local_dir(resolve("smollm2")), dtype=torch.float32).eval()
+    surgery.apply(model, "mqa")
+    ids = tokenizer("Model surgery rewrites a loaded model in place. " * 12, return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = model(ids).logits
+    record = surgery.apply(model, "mla", kv_rank=65, rope_dim=64, method="svd")
+    assert record.details["kv_values_per_token_per_layer"] == {"before": 128, "after": 129}
+    with torch.no_grad():
+        after = model(ids).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=3e-3)  # 1.2e-3 measured
+    assert torch.equal(after.argmax(-1), before.argmax(-1))
+    surgery.save(model, tokenizer, tmp_path / "mla")
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "mla", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(stock(ids).logits, after)

@@ -192,19 +192,6 @@ class GQA(Patch):
     def dry_run(self) -> GQA:
         return self.model_copy(update={"method": "mean"})  # same shapes; aligned and fitted need forwards
 
-    def tokenizer_for(self, model: torch.nn.Module, ctx: Context) -> Any:
-        if ctx.tokenizer is not None:
-            return ctx.tokenizer
-        from transformers import AutoTokenizer
-
-        try:
-            return AutoTokenizer.from_pretrained(model.name_or_path, local_files_only=True, trust_remote_code=False)
-        except (OSError, ValueError) as err:
-            raise SurgeryError(
-                f"{self.name} method={self.method} needs the model's tokenizer for calibration text; "
-                "pass tokenizer= to apply()"
-            ) from err
-
 
 @register
 class MQA(GQA):

@@ -181,21 +181,31 @@ def fit_attention(
     teachers: dict[str, torch.nn.Module],
     patch: Any,
     tokenizer: Any,
+    teacher_model: torch.nn.Module | None = None,
 ) -> list[str]:
-    """Fit every pooled attention module in `modules` (bottom-up) to its teacher; returns notes."""
+    """Fit every new attention module in `modules` (bottom-up) to its teacher; returns notes. The
+    teachers run in `model`'s layers, or in `teacher_model`'s (same module names) where the new
+    model is another architecture, with the position embeddings and masks that model makes."""
     from surgery.io import progress
 
     ids = calibration_ids(model, tokenizer, patch.calibration_text, patch.fit_tokens)
     batch = min(BATCH, len(ids))
-    layers = [model.get_submodule(name.rsplit(".", 1)[0]) for name, _ in modules]
+    parents = [name.rsplit(".", 1)[0] for name, _ in modules]
+    layers = [model.get_submodule(parent) for parent in parents]
     hidden, layer_kwargs = layer_inputs(model, layers, ids, batch)
+    teacher_layers, teacher_kwargs = layers, layer_kwargs
+    if teacher_model is not None:
+        teacher_layers = [teacher_model.get_submodule(parent) for parent in parents]
+        hidden, teacher_kwargs = layer_inputs(teacher_model, teacher_layers, ids, batch)
     student_hidden = [h.clone() for h in hidden]
     generator = torch.Generator().manual_seed(0)
     errors = []
     bar = progress(len(modules), "fitting attention", "layer")
-    for (name, student), layer, kwargs in zip(modules, layers, layer_kwargs, strict=True):
+    for (name, student), layer, kwargs, teacher_layer, taught in zip(
+        modules, layers, layer_kwargs, teacher_layers, teacher_kwargs, strict=True
+    ):
         attr = name.rsplit(".", 1)[1]
-        _, targets, _, hidden = through_layer(layer, attr, teachers[name], hidden, kwargs)
+        _, targets, _, hidden = through_layer(teacher_layer, attr, teachers[name], hidden, taught)
         inputs, _, attention_kwargs, _ = through_layer(layer, attr, student, student_hidden, kwargs)
         errors.append(
             fit_module(
