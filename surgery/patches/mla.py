@@ -75,6 +75,12 @@ class MLA(Patch):
         description="svd: factor the weights; calibrated: PCA of keys and values on calibration text; "
         "fitted: calibrated, then each layer's attention trained to reproduce the original's outputs",
     )
+    latent_norm: Literal["constant", "scale"] = Field(
+        "constant",
+        description="constant: a latent channel held constant by the kv_a bias makes kv_a_layernorm exact "
+        "(vLLM and SGLang build kv_a without a bias and cannot load it); scale: no bias, the norm's weight set to "
+        "the latent's calibration RMS (approximate; loads anywhere DeepseekV3 does)",
+    )
     interleave: bool = Field(
         False, description="write the RoPE dimensions as interleaved pairs (rope_interleave, vLLM's MLA layout)"
     )
@@ -100,9 +106,6 @@ class MLA(Patch):
 
     # -- what can be converted -------------------------------------------------------------
 
-    def rotary(self, config: Any) -> int:
-        return self.rope_dim if self.rope_dim is not None else head_dim(config) // 2
-
     def check(self, model: torch.nn.Module) -> None:
         config = text_config(model.config)
         layer = model.model.layers[0] if hasattr(model, "model") and hasattr(model.model, "layers") else None
@@ -123,7 +126,8 @@ class MLA(Patch):
             raise UnsupportedModel(f"{self.name}: the MLPs have biases, which DeepseekV3's MLPs cannot hold")
         if any(layer_windows(config)):
             raise UnsupportedModel(f"{self.name}: DeepseekV3 has no sliding window; this model uses one")
-        d, rot = head_dim(config), self.rotary(config)
+        d = head_dim(config)
+        rot = self.rotary_dims(d)
         if rot > d:
             raise UnsupportedModel(f"{self.name}: rope_dim {rot} exceeds the head dim {d}")
         rope = dict(getattr(config, "rope_parameters", None) or {})
@@ -151,7 +155,8 @@ class MLA(Patch):
         """The DeepseekV3Config of the converted model."""
         from transformers import DeepseekV3Config
 
-        d, rot = head_dim(config), self.rotary(config)
+        d = head_dim(config)
+        rot = self.rotary_dims(d)
         rope = dict(config.rope_parameters)
         rope["rope_theta"] = rope["rope_theta"] ** (rot / d)  # the top rot/2 planes, exactly
         new = DeepseekV3Config(
@@ -176,7 +181,7 @@ class MLA(Patch):
             tie_word_embeddings=getattr(config, "tie_word_embeddings", False),
             rope_parameters=rope,
             rope_interleave=self.interleave,
-            attention_bias=True,  # the kv_a bias holds the latent's constant channel
+            attention_bias=self.latent_norm == "constant",  # the kv_a bias holds the constant channel
             attention_dropout=getattr(config, "attention_dropout", 0.0),
             bos_token_id=config.bos_token_id,
             eos_token_id=config.eos_token_id,
@@ -193,46 +198,56 @@ class MLA(Patch):
         from transformers import DeepseekV3ForCausalLM
 
         config = text_config(model.config)
-        n_q, n_kv, d, rot = config.num_attention_heads, kv_heads(config), head_dim(config), self.rotary(config)
+        n_q, n_kv, d = config.num_attention_heads, kv_heads(config), head_dim(config)
+        rot = self.rotary_dims(d)
         layers = list(model.model.layers)
-        tokenizer = None
+        tokenizer, ids, stats = None, None, [None] * len(layers)
         if self.method != "svd":
             tokenizer = self.tokenizer_for(model, ctx)
-            stats = input_statistics(model, layers, tokenizer, self.calibration_text, self.calibration_tokens)
-        else:
-            stats = [None] * len(layers)
+            ids, stats = input_statistics(model, layers, tokenizer, self.calibration_text, self.calibration_tokens)
         new_config = self.target_config(config, model)
         with torch.device("meta"):
             new = DeepseekV3ForCausalLM(new_config)
         rotary = rotary_class()(new_config).to(next(model.parameters()).device)
         scales = logit_scales(model, layers[0].self_attn, new.model.layers[0].self_attn, rotary)
         state = {k: v for k, v in model.state_dict().items() if ".self_attn." not in k}
-        converted = [
-            convert_layer(layer.self_attn, stat, n_q, n_kv, d, rot, self.kv_rank, scales, self.interleave)
-            for layer, stat in zip(layers, stats, strict=True)
-        ]
-        for i, (weights, _) in enumerate(converted):
+        skeleton = next(model.parameters()).is_meta  # `surgery validate --model`: shapes only
+        design = []
+        for i, (layer, stat) in enumerate(zip(layers, stats, strict=True)):
+            if skeleton:
+                weights = new.model.layers[i].self_attn.state_dict()
+            else:
+                weights, rms = convert_layer(
+                    layer.self_attn, layer.input_layernorm.weight, stat, self, n_q, n_kv, d, scales
+                )
+                design.append(rms)
             state.update({f"model.layers.{i}.self_attn.{k}": v for k, v in weights.items()})
         if "lm_head.weight" not in state and new_config.tie_word_embeddings:
             state["lm_head.weight"] = state["model.embed_tokens.weight"]
         new.load_state_dict(state, strict=True, assign=True)
         new.model.rotary_emb = rotary
         meta = [n for n, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
-        assert not meta, f"mla left {meta} unset"
+        assert skeleton or not meta, f"mla left {meta} unset"
         new.train(model.training)
         new.generation_config = model.generation_config
         new.name_or_path = model.name_or_path
-        worst = max(c[1] for c in converted)
-        ctx.state["norm_scale_deviation"] = worst
         ctx.state["source"] = {"model_type": config.model_type, "kv_heads": n_kv, "head_dim": d}
+        ctx.state["latent_norm"] = norm_deviation(new, ids, design) if ids is not None else None
         before, after = 2 * n_kv * d, self.kv_rank + rot
+        constant = " (1 constant)" if self.latent_norm == "constant" else ""
         notes = [
-            f"attention -> MLA: latent {self.kv_rank} (1 constant) + shared RoPE key {rot} = {after} values per "
+            f"attention -> MLA: latent {self.kv_rank}{constant} + shared RoPE key {rot} = {after} values per "
             f"token and layer, from {before} ({n_kv} kv heads x {d} x k,v); KV cache x{after / before:.3f}",
             f"RoPE kept on the {rot // 2} highest of {d // 2} frequency planes (rope_theta "
             f"{new_config.rope_parameters['rope_theta']:.6g}); {self.method} factorisation"
             + ("" if self.method == "svd" else f" on {self.calibration_text}"),
         ]
+        if ctx.state["latent_norm"]:
+            deviation = ctx.state["latent_norm"]
+            notes.append(
+                f"latent norm ({self.latent_norm}): per-token scale off by {deviation['mean']:.2e} on average, "
+                f"{deviation['max']:.2e} at most on calibration text"
+            )
         if self.method == "fitted" and self.fit_steps:
             from surgery.patches.gqa_fit import fit_attention
 
@@ -245,22 +260,19 @@ class MLA(Patch):
     def verify(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> None:
         from transformers import DeepseekV3ForCausalLM
 
-        config = model.config
-        if not isinstance(model, DeepseekV3ForCausalLM) or latent_dims(config) != (self.kv_rank, self.rotary_of(ctx)):
-            raise PatchDidNotTakeEffect(f"model is {type(model).__name__} with latent {latent_dims(config)}")
-        rot = self.rotary_of(ctx)
+        rot = self.rotary_dims(ctx.state["source"]["head_dim"])
+        if not isinstance(model, DeepseekV3ForCausalLM) or latent_dims(model.config) != (self.kv_rank, rot):
+            raise PatchDidNotTakeEffect(f"model is {type(model).__name__} with latent {latent_dims(model.config)}")
         for i, layer in enumerate(model.model.layers):
             attention = layer.self_attn
             if attention.kv_a_proj_with_mqa.out_features != self.kv_rank + rot or not hasattr(layer.mlp, "gate_proj"):
                 raise PatchDidNotTakeEffect(f"layer {i}: attention or MLP not converted")
-        if not ctx.state["norm_scale_deviation"] < 1e-5:
-            raise PatchDidNotTakeEffect(
-                f"the latent norm's scale deviates by {ctx.state['norm_scale_deviation']:.2e} on calibration bounds"
-            )
+        deviation = ctx.state["latent_norm"]
+        if self.latent_norm == "constant" and deviation and not deviation["max"] < 1e-5:
+            raise PatchDidNotTakeEffect(f"the latent norm's constant channel moved its scale by {deviation['max']:.2e}")
 
-    def rotary_of(self, ctx: Context) -> int:
-        source = ctx.state["source"]
-        return self.rope_dim if self.rope_dim is not None else source["head_dim"] // 2
+    def rotary_dims(self, head_dim: int) -> int:
+        return self.rope_dim if self.rope_dim is not None else head_dim // 2
 
     def details(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> dict[str, Any]:
         source = ctx.state["source"]
@@ -268,9 +280,9 @@ class MLA(Patch):
             "source": source,
             "kv_values_per_token_per_layer": {
                 "before": 2 * source["kv_heads"] * source["head_dim"],
-                "after": self.kv_rank + self.rotary_of(ctx),
+                "after": self.kv_rank + self.rotary_dims(source["head_dim"]),
             },
-            "norm_scale_deviation_bound": ctx.state["norm_scale_deviation"],
+            "latent_norm_deviation": ctx.state["latent_norm"],
         }
 
     def short(self) -> str:
@@ -278,7 +290,13 @@ class MLA(Patch):
         return f"{self.name} latent {self.kv_rank}{rope} ({self.method})"
 
     def dry_run(self) -> MLA:
-        return MLA(kv_rank=self.kv_rank, rope_dim=self.rope_dim, interleave=self.interleave, method="svd")
+        return MLA(
+            kv_rank=self.kv_rank,
+            rope_dim=self.rope_dim,
+            latent_norm=self.latent_norm,
+            interleave=self.interleave,
+            method="svd",
+        )
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -309,9 +327,9 @@ def logit_scales(
 
 def input_statistics(
     model: torch.nn.Module, layers: list[torch.nn.Module], tokenizer: Any, text: str, tokens: int
-) -> list[dict[str, torch.Tensor]]:
-    """Per layer, over calibration text: second moment and mean of the attention inputs (float64),
-    and the largest input norm."""
+) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    """The calibration token blocks, and per layer over them: second moment and mean of the attention
+    inputs (float64), and the largest input norm."""
     from surgery.patches.gqa_fit import BATCH, calibration_ids
 
     ids = calibration_ids(model, tokenizer, text, tokens)
@@ -350,7 +368,33 @@ def input_statistics(
         s["mean"] = s["sum"] / s["count"]
         s["moment"] /= s["count"]
     log.info("mla: attention input statistics over %d tokens", ids.numel())
-    return stats
+    return ids, stats
+
+
+def norm_deviation(model: torch.nn.Module, ids: torch.Tensor, design: list[float]) -> dict[str, float]:
+    """How far kv_a_layernorm's per-token scale is from the one the conversion designed for (the
+    RMS its weights undo), over the first calibration batch: mean and max of |design / RMS - 1|."""
+    from surgery.patches.gqa_fit import BATCH
+
+    deviations = []
+
+    def hook(target: float):
+        def grab(_module, args):
+            rms = args[0].double().pow(2).mean(-1).sqrt()
+            deviations.append((target / rms - 1).abs().flatten())
+
+        return grab
+
+    norms = [layer.self_attn.kv_a_layernorm for layer in model.model.layers]
+    handles = [norm.register_forward_pre_hook(hook(target)) for norm, target in zip(norms, design, strict=True)]
+    try:
+        with torch.no_grad():
+            model(ids[:BATCH], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    every = torch.cat(deviations)
+    return {"mean": every.mean().item(), "max": every.max().item()}
 
 
 def top_eigenvectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
@@ -359,97 +403,131 @@ def top_eigenvectors(matrix: torch.Tensor, k: int) -> torch.Tensor:
     return vectors[..., -k:].flip(-1) if k else vectors[..., :0]
 
 
-def convert_layer(
-    attention: torch.nn.Module,
-    stats: dict[str, torch.Tensor] | None,
-    n_q: int,
-    n_kv: int,
-    d: int,
-    rot: int,
-    rank: int,
-    scales: tuple[float, float],
-    interleave: bool,
-) -> tuple[dict[str, torch.Tensor], float]:
-    """One source attention module -> DeepseekV3Attention weights, and the bound on how far the
-    latent norm's scale can move from constant on inputs as large as calibration saw."""
-    dtype, device = attention.q_proj.weight.dtype, attention.q_proj.weight.device
-    wq = attention.q_proj.weight.detach().to("cpu", torch.float64).reshape(n_q, d, -1)
-    wk = attention.k_proj.weight.detach().to("cpu", torch.float64).reshape(n_kv, d, -1)
-    wv = attention.v_proj.weight.detach().to("cpu", torch.float64).reshape(n_kv, d, -1)
-    hidden = wq.shape[-1]
-    half, kept = d // 2, rot // 2
-    moment = stats["moment"] if stats else torch.eye(hidden, dtype=torch.float64)
-    mean = stats["mean"] if stats else torch.zeros(hidden, dtype=torch.float64)
-    group = n_q // n_kv
-
-    # RoPE: one shared key per kept plane, the kv heads' principal complex direction
+def shared_rope_key(
+    wq: torch.Tensor, wk: torch.Tensor, moment: torch.Tensor, rot: int, interleave: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Query rows (heads, rot, hidden) and the shared key rows (rot, hidden) for the `rot / 2`
+    highest frequency planes. Per plane, each kv head's key is a complex number that RoPE multiplies
+    by e^(i theta t); the shared key is the kv heads' principal complex direction under `moment`,
+    and every query head absorbs its kv head's coefficient, so q.k is kept on that direction."""
+    n_q, d, _ = wq.shape
+    n_kv, half, kept = wk.shape[0], d // 2, rot // 2
     zk = torch.complex(wk[:, :kept], wk[:, half : half + kept]).transpose(0, 1)  # (planes, kv, hidden)
     cov = zk @ moment.to(zk.dtype) @ zk.conj().transpose(1, 2)  # (planes, kv, kv)
     e = top_eigenvectors(cov, 1)[..., 0]  # (planes, kv)
     e = e * (e[:, :1].conj() / e[:, :1].abs().clamp_min(1e-30))  # a fixed phase: head 0's coefficient real
     shared = torch.einsum("pj,pjh->ph", e.conj(), zk)  # (planes, hidden)
-    zq = torch.complex(wq[:, :kept], wq[:, half : half + kept])  # (heads, planes, hidden)
-    owner = torch.arange(n_q) // group
-    zq = zq * e.T[owner].conj()[..., None]  # each query head absorbs its kv head's coefficient
-    q_rot = torch.cat([zq.real, zq.imag], dim=1)  # (heads, rot, hidden), rotate_half layout
-    k_rot = torch.cat([shared.real, shared.imag], dim=0)  # (rot, hidden)
+    owner = torch.arange(n_q) // (n_q // n_kv)
+    zq = torch.complex(wq[:, :kept], wq[:, half : half + kept]) * e.T[owner].conj()[..., None]
+    q_rot = torch.cat([zq.real, zq.imag], dim=1)  # rotate_half layout: (re..., im...)
+    k_rot = torch.cat([shared.real, shared.imag], dim=0)
     if interleave:  # (re0, im0, re1, im1, ...)
         order = torch.stack([torch.arange(kept), torch.arange(kept) + kept], dim=1).flatten()
         q_rot, k_rot = q_rot[:, order], k_rot[order]
+    return q_rot, k_rot
 
-    # K (non-rotary planes) and V, factored jointly into rank - 1 channels (channel 0 is the constant)
+
+def convert_layer(
+    attention: torch.nn.Module,
+    gain: torch.Tensor,
+    stats: dict[str, torch.Tensor] | None,
+    patch: MLA,
+    n_q: int,
+    n_kv: int,
+    d: int,
+    scales: tuple[float, float],
+) -> tuple[dict[str, torch.Tensor], float]:
+    """One source attention module -> DeepseekV3Attention weights, and the latent RMS the norm's
+    weights are set to undo. `gain`: the layer's input norm weight (the inputs' scale where no
+    calibration statistics are given)."""
+    rank, rot = patch.kv_rank, patch.rotary_dims(d)
+    dtype, device = attention.q_proj.weight.dtype, attention.q_proj.weight.device
+    wq = attention.q_proj.weight.detach().to("cpu", torch.float64).reshape(n_q, d, -1)
+    wk = attention.k_proj.weight.detach().to("cpu", torch.float64).reshape(n_kv, d, -1)
+    wv = attention.v_proj.weight.detach().to("cpu", torch.float64).reshape(n_kv, d, -1)
+    hidden = wq.shape[-1]
+    gain = gain.detach().to("cpu", torch.float64)
+    # without calibration, inputs are taken as the RMS-normed vectors they are: per-channel scale = gain
+    moment = stats["moment"] if stats else torch.diag(gain**2)
+    mean = stats["mean"] if stats else torch.zeros(hidden, dtype=torch.float64)
+    q_rot, k_rot = shared_rope_key(wq, wk, moment, rot, patch.interleave)
+
+    # K on the planes without RoPE, and V, factored jointly into the latent
+    half, kept = d // 2, rot // 2
     nope = torch.cat([torch.arange(kept, half), torch.arange(half + kept, d)])
-    k_nope = wk[:, nope].reshape(-1, hidden)  # (kv * (d - rot), hidden)
-    values = wv.reshape(-1, hidden)
-    centred = moment - torch.outer(mean, mean)
-    k_energy = torch.trace(k_nope @ centred @ k_nope.T)
-    v_energy = torch.trace(values @ centred @ values.T)
-    balance = math.sqrt(v_energy / k_energy) if k_energy > 0 else 1.0
+    k_nope, values = wk[:, nope].reshape(-1, hidden), wv.reshape(-1, hidden)
+    constant = patch.latent_norm == "constant"
+    # the constant channel carries the mean, so the latent models what varies; otherwise it models all
+    spread = moment - torch.outer(mean, mean) if constant else moment
+    k_energy = torch.trace(k_nope @ spread @ k_nope.T)
+    balance = math.sqrt(torch.trace(values @ spread @ values.T) / k_energy) if k_energy > 0 else 1.0
     stacked = torch.cat([balance * k_nope, values])
-    basis = top_eigenvectors(stacked @ centred @ stacked.T, min(rank - 1, len(stacked)))  # (rows, c)
-    down = basis.T @ stacked  # (c, hidden): the latent
-    residual_mean = stacked @ mean - basis @ (basis.T @ (stacked @ mean))  # the mean the latent leaves out
-    latent = torch.zeros(rank - 1, hidden, dtype=torch.float64)
-    latent[: len(down)] = down
-    up = torch.zeros(len(stacked), rank, dtype=torch.float64)
-    up[:, 1 : 1 + basis.shape[1]] = basis
+    channels = rank - 1 if constant else rank
+    basis = top_eigenvectors(stacked @ spread @ stacked.T, min(channels, len(stacked)))  # (rows, c)
+    latent = torch.zeros(channels, hidden, dtype=torch.float64)
+    latent[: basis.shape[1]] = basis.T @ stacked
+    up = torch.zeros(len(stacked), channels, dtype=torch.float64)
+    up[:, : basis.shape[1]] = basis
+    if constant:
+        latent, up, bias, norm, design = constant_channel(latent, up, stacked @ mean, basis, stats, gain, dtype)
+    else:
+        latent, up, norm, design = average_scale(latent, up, moment, dtype)
+        bias = None
 
-    # the norm: channel 0 at a constant far above any latent norm seen
-    input_bound = stats["max_norm"] if stats else math.sqrt(hidden) * 16.0
+    # per query head: keys unbalanced, then expanded from kv heads to query heads
+    owner = torch.arange(n_q) // (n_q // n_kv)
+    k_rows = up[: len(k_nope)].reshape(n_kv, d - rot, rank) / balance
+    v_rows = up[len(k_nope) :].reshape(n_kv, d, rank)
+    weights = {
+        "q_proj.weight": torch.cat([wq[:, nope] * scales[0], q_rot * scales[1]], dim=1).reshape(-1, hidden),
+        "kv_a_proj_with_mqa.weight": torch.cat([latent, k_rot]),
+        "kv_a_layernorm.weight": norm,
+        "kv_b_proj.weight": torch.cat([k_rows[owner], v_rows[owner]], dim=1).reshape(-1, rank),
+        "o_proj.weight": attention.o_proj.weight.detach(),
+    }
+    if bias is not None:
+        weights["kv_a_proj_with_mqa.bias"] = torch.cat([bias, torch.zeros(rot, dtype=torch.float64)])
+        weights["o_proj.bias"] = torch.zeros(attention.o_proj.out_features)
+    return {k: v.to(device=device, dtype=dtype).contiguous() for k, v in weights.items()}, design
+
+
+def stored(value: float, dtype: torch.dtype) -> float:
+    """`value` as the model's dtype will hold it."""
+    return torch.tensor(value, dtype=dtype).double().item()
+
+
+def constant_channel(latent, up, output_mean, basis, stats, gain, dtype):
+    """Channel 0 held at a constant K through the kv_a bias, far above the latent's norm: RMSNorm
+    then divides every token by nearly K/sqrt(L), which the norm's weights undo; channel 0 (normed to
+    sqrt(L)) carries the outputs' mean that the latent leaves out."""
+    rank = len(latent) + 1
+    input_bound = stats["max_norm"] if stats else math.sqrt(len(gain)) * gain.abs().max().item()
     latent_bound = max(torch.linalg.matrix_norm(latent, 2).item() * input_bound, 1e-6)
     big = NORM_MARGIN * latent_bound
     if dtype == torch.float16:
         big = min(big, 2.0**14)
-    weight_value = big / math.sqrt(rank)
-    big_stored = torch.tensor(big, dtype=dtype).double().item()
-    weight_stored = torch.tensor(weight_value, dtype=dtype).double().item()
-    gain = weight_stored * math.sqrt(rank) / big_stored  # what the norm does to a latent channel
-    up[:, 1:] /= gain
-    up[:, 0] = residual_mean / math.sqrt(rank)  # the normed channel 0 reads sqrt(rank)
-    deviation = 1 - 1 / math.sqrt(1 + (latent_bound / big_stored) ** 2)
-
-    # per query head: keys unbalanced, then expanded from kv heads to query heads
-    k_rows = up[: len(k_nope)].reshape(n_kv, d - rot, rank) / balance
-    v_rows = up[len(k_nope) :].reshape(n_kv, d, rank)
-    kv_b = torch.cat([k_rows[owner], v_rows[owner]], dim=1).reshape(-1, rank)
-    q_nope = wq[:, nope] * scales[0]
-    q = torch.cat([q_nope, q_rot * scales[1]], dim=1).reshape(-1, hidden)
-    kv_a = torch.cat([torch.zeros(1, hidden, dtype=torch.float64), latent, k_rot])
-    kv_a_bias = torch.zeros(len(kv_a), dtype=torch.float64)
-    kv_a_bias[0] = big_stored
-    norm = torch.full((rank,), weight_stored, dtype=torch.float64)
+    big, weight = stored(big, dtype), stored(big / math.sqrt(rank), dtype)
+    residual_mean = output_mean - basis @ (basis.T @ output_mean)
+    full_up = torch.zeros(len(up), rank, dtype=torch.float64)
+    full_up[:, 0] = residual_mean / math.sqrt(rank)
+    full_up[:, 1:] = up / (weight * math.sqrt(rank) / big)  # what the norm does to a latent channel
+    full_latent = torch.cat([torch.zeros(1, latent.shape[1], dtype=torch.float64), latent])
+    bias = torch.zeros(rank, dtype=torch.float64)
+    bias[0] = big
+    norm = torch.full((rank,), weight, dtype=torch.float64)
     norm[0] = 1.0
-    o_bias = attention.o_proj.bias
-    weights = {
-        "q_proj.weight": q,
-        "kv_a_proj_with_mqa.weight": kv_a,
-        "kv_a_proj_with_mqa.bias": kv_a_bias,
-        "kv_a_layernorm.weight": norm,
-        "kv_b_proj.weight": kv_b,
-        "o_proj.weight": attention.o_proj.weight.detach(),
-        "o_proj.bias": o_bias.detach() if o_bias is not None else torch.zeros(attention.o_proj.out_features),
-    }
-    return {k: v.to(device=device, dtype=dtype).contiguous() for k, v in weights.items()}, deviation
+    return full_latent, full_up, bias, norm, big / math.sqrt(rank)
+
+
+def average_scale(latent, up, moment, dtype):
+    """No bias: RMSNorm divides each token's latent by its own RMS. The norm's weight is set to the
+    calibration RMS, so an average token passes unchanged and others are scaled by (average / own)
+    RMS; the latent is scaled so RMSNorm's epsilon stays negligible."""
+    rank = len(latent)
+    typical = math.sqrt(max(torch.trace(latent @ moment @ latent.T).item() / rank, 1e-30))
+    lift = 100.0 / typical  # latent RMS ~100 >> epsilon (1e-6 in transformers, rms_norm_eps in vLLM)
+    weight = stored(typical, dtype)
+    return latent * lift, up * (typical / weight), torch.full((rank,), weight, dtype=torch.float64), lift * typical
 
 
 def transplant(model: torch.nn.Module, new: torch.nn.Module) -> None:
