@@ -7,7 +7,7 @@ The battery is chosen from the patch records the patched model carries (`config.
 - RoPE patches: long-context tasks (RULER-style) at the longest length checked, and perplexity by
   band past the original context when the new length allows it;
 - kv-quant: divergence through the quantized cache (chunked) and the tasks (generation reads it);
-- gqa / mqa: the tasks at the checked length;
+- gqa / mqa / mla: the tasks at the checked length;
 - sliding-window: the tasks, whose needles sit beyond the window.
 
 Each check comes with default gates at 95% confidence, printed so they can be copied and
@@ -141,6 +141,7 @@ def plan(
         "kv-quant": "tasks through the quantized cache",
         "gqa": "tasks at the checked length",
         "mqa": "tasks at the checked length",
+        "mla": "tasks at the checked length (the latent compresses the keys and values)",
         "sliding-window": f"tasks with needles beyond the {min(windowed, default=0)}-token window",
     }
     reasons = [why[n] for n in names if n in why] + (["tasks within the original context"] if ROPE & set(names) else [])

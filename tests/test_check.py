@@ -58,6 +58,7 @@ def record(name: str, **params) -> dict:
         ([record("attention", impl="eager")], ["divergence", "divergence"]),
         ([record("kv-quant", bits=2)], ["divergence", "divergence", "divergence", "ruler"]),
         ([record("gqa", num_kv_heads=1)], ["divergence", "divergence", "ruler"]),
+        ([record("mla", kv_rank=96)], ["divergence", "divergence", "ruler"]),
         ([record("sliding-window", window=256)], ["divergence", "divergence", "ruler"]),
         ([record("yarn", factor=2, new=16384)], ["divergence", "divergence", "ruler"]),
     ],
@@ -266,3 +267,19 @@ def test_embedded_round_trip_passes_and_mean_mqa_fails(tmp_path, monkeypatch):
     gates = json.loads((tmp_path / "r2" / "check.json").read_text())["gates"]
     failed = {g["metric"] for g in gates if g["status"] == "fail"}
     assert {"divergence.pydoc.kl@512", "divergence.docs.kl@512"} <= failed
+
+
+@pytest.mark.heavy  # the tasks need 1024-token prompts: ~1 minute on 2 cores
+def test_an_mla_checkpoint_runs_the_battery_and_its_loss_is_measured(original, tmp_path):
+    """A latent of 4 channels for 2 kv heads x 16 x (k, v): the DeepseekV3 checkpoint runs through
+    the whole battery (divergence on two domains, then the tasks). The tiny random original is
+    near-uniform (perplexity ~126 of 128 tokens), so its default gates have little to lose; a gate
+    at the full-rank conversion's float noise catches the loss."""
+    apply(["mla", "--kv-rank", "4", "--rope-dim", "4", "--method", "svd", str(original), "-o", str(tmp_path / "mla")])
+    length = ["--length", "1024"]  # the tasks' prompts need ~920 tokens
+    gate = ["--gate", "divergence.*.kl@1024:max=1e-6"]
+    result = check(str(original), str(tmp_path / "mla"), *length, *gate, "--budget", "0.1", "-o", str(tmp_path / "r"))
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith("FAIL")
+    assert "ruler.avg@1024:max_decrease=0.1" in result.output and "ruler.avg@1024 " in result.output
+    assert json.loads((tmp_path / "r" / "check.json").read_text())["status"] == "fail"
