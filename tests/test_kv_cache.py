@@ -269,3 +269,47 @@ def test_static_fp8_perplexity_is_worse_than_exact_and_not_the_dynamic_caches():
         results[name] = e.run(model, tok).metrics["perplexity.ppl@60"]
     assert results["exact"] < min(results["head"], results["tensor"])
     assert results["tensor"] != results["dynamic"] and results["head"] != results["dynamic"]
+
+
+def test_fp8_scales_skip_sliding_layers_on_request(tmp_path):
+    """A hybrid model (Qwen2: layer 0 full, layer 1 a 16-token window): refused unless asked; with
+    skip_sliding the full layer gets scales and an fp8 cache, the sliding layer keeps a full-precision
+    windowed cache, no scales, and a place in the scheme's ignore list; the files restore the same."""
+    from compressed_tensors.quantization import QuantizationConfig
+
+    hybrid = {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}
+    tok = char_tokenizer()
+    with pytest.raises(UnsupportedModel, match="skip_sliding=true"):
+        make_patch("kv-quant", method="fp8", scales="tensor").apply(tiny_model("qwen2", **hybrid), tokenizer=tok)
+    with pytest.raises(UnsupportedModel, match="every layer of this model is sliding-window"):
+        make_patch("kv-quant", method="fp8", scales="tensor", skip_sliding=True).apply(
+            tiny_model("mistral", sliding_window=16), tokenizer=tok
+        )
+    with pytest.raises(InvalidParams, match="skip_sliding apply to calibrated fp8 scales only"):
+        make_patch("kv-quant", method="fp8", skip_sliding=True)
+    model = tiny_model("qwen2", **hybrid)
+    exact = tiny_model("qwen2", **hybrid)
+    record = make_patch("kv-quant", method="fp8", scales="head", skip_sliding=True, calibration_tokens=256).apply(
+        model, tokenizer=tok
+    )
+    assert record.details["quantized_layers"] == 1 and "sliding_window" in record.notes[-1]
+    first, second = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    assert first.k_scale.shape == (2, 1, 1) and not hasattr(second, "k_scale")
+    assert [type(layer).__name__ for layer in make_cache(model).layers] == [
+        "StaticFp8Layer",
+        "DynamicSlidingWindowLayer",
+    ]
+    surgery.save(model, tok, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert QuantizationConfig.model_validate(config).ignore == ["model.layers.1.self_attn"]
+    loaded, _ = surgery.load_model(str(tmp_path / "out"))
+    assert [type(layer).__name__ for layer in make_cache(loaded).layers] == [
+        "StaticFp8Layer",
+        "DynamicSlidingWindowLayer",
+    ]
+    ids = tokens(48)  # past the window, so the sliding layer drops tokens
+    quantized, reference = chunked_logits(loaded, ids)[0], chunked_logits(exact, ids)[0]
+    assert torch.equal(quantized, chunked_logits(model, ids)[0])
+    assert 0 < (quantized - reference).abs().max() < 0.05  # fp8 on layer 0 only
+    prompt = ids[:, :8]
+    assert loaded.generate(prompt, max_new_tokens=24, min_new_tokens=24, do_sample=False).shape == (1, 32)

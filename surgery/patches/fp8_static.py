@@ -81,13 +81,14 @@ def scheme(per_head: bool) -> dict[str, Any]:
     }
 
 
-def quantization_config(per_head: bool) -> dict[str, Any]:
-    """A compressed-tensors `quantization_config` that quantizes the KV cache only (weights untouched)."""
+def quantization_config(per_head: bool, ignore: list[str] | None = None) -> dict[str, Any]:
+    """A compressed-tensors `quantization_config` that quantizes the KV cache only (weights untouched);
+    `ignore`: attention modules left unquantized (sliding-window layers)."""
     return {
         "quant_method": "compressed-tensors",
         "format": "dense",
         "quantization_status": "frozen",
         "config_groups": {},
-        "ignore": [],
+        "ignore": list(ignore or []),
         "kv_cache_scheme": scheme(per_head),
     }

@@ -70,6 +70,11 @@ class KVQuant(Patch):
         le=100,
         description="fp8 scales: the percentile of |k| and |v| mapped to fp8's maximum (100: absmax)",
     )
+    skip_sliding: bool = Field(
+        False,
+        description="fp8 scales: leave sliding-window layers in full precision (listed in the scheme's ignore; "
+        "serve with vLLM's --kv-cache-dtype-skip-layers sliding_window); without it such models are refused",
+    )
     calibration_tokens: int = Field(8192, ge=16, description="fp8 scales: tokens of calibration text")
     calibration_text: TextSource = Field(
         "pydoc", description="fp8 scales: calibration source (train split): pydoc, docs, a file, or hf:NAME"
@@ -79,7 +84,9 @@ class KVQuant(Patch):
     def _consistent(self) -> KVQuant:
         fields = type(self).model_fields
         calibrated = [
-            k for k in ("calibration_text", "calibration_tokens", "percentile") if getattr(self, k) != fields[k].default
+            k
+            for k in ("calibration_text", "calibration_tokens", "percentile", "skip_sliding")
+            if getattr(self, k) != fields[k].default
         ]
         if self.scales is None and calibrated:
             raise ValueError(
@@ -117,10 +124,16 @@ class KVQuant(Patch):
 
     def check(self, model: torch.nn.Module) -> None:
         config = text_config(model.config)
-        if any(layer_windows(config)):
+        windows = layer_windows(config)
+        if any(windows) and not self.skip_sliding:
             raise UnsupportedModel(
                 f"{self.name}: this model has sliding-window layers, whose cache drops old tokens; quantized caches "
-                "(transformers' included) keep every token, so they cannot run it. Quantize a full-attention model"
+                "(transformers' included) keep every token, so they cannot run it. Quantize a full-attention model, "
+                "or leave those layers in full precision: method=fp8 with scales and skip_sliding=true"
+            )
+        if all(windows):
+            raise UnsupportedModel(
+                f"{self.name}: every layer of this model is sliding-window, so skip_sliding leaves nothing to quantize"
             )
         if kv_only(getattr(model.config, "quantization_config", None)) and getattr(model, "hf_quantizer", None):
             raise UnsupportedModel(
@@ -146,9 +159,16 @@ class KVQuant(Patch):
         from transformers.cache_utils import Cache
 
         if self.scales:
+            from transformers.cache_utils import DynamicSlidingWindowLayer
+
             from surgery.patches.fp8_static import StaticFp8Layer
 
-            return Cache(layers=[StaticFp8Layer(a.k_scale, a.v_scale) for a in attention_modules(model)])
+            return Cache(
+                layers=[
+                    DynamicSlidingWindowLayer(sliding_window=window) if window else StaticFp8Layer(a.k_scale, a.v_scale)
+                    for a, window in zip(attention_modules(model), layer_windows(model.config), strict=True)
+                ]
+            )
         if self.method == "fp8":
             return QuantizedCache(backend="fp8", config=model.config)
         n = text_config(model.config).num_hidden_layers
@@ -190,24 +210,39 @@ class KVQuant(Patch):
         if gen.cache_implementation == "quantized":  # an earlier fp8 kv-quant: this one replaces it
             gen.cache_implementation, gen.cache_config = None, None
         k_scales, v_scales = calibrate(model, list(ids), self.scales == "head", self.percentile)
-        for attention, k, v in zip(attention_modules(model), k_scales, v_scales, strict=True):
-            attach_scales(attention, k, v)
-        model.config.quantization_config = quantization_config(self.scales == "head")
+        windows = layer_windows(model.config)
+        skipped = []
+        for (name, attention), k, v, window in zip(attention_names(model), k_scales, v_scales, windows, strict=True):
+            if window:  # a sliding layer stays in full precision: no scales (vLLM would read them)
+                skipped.append(name)
+            else:
+                attach_scales(attention, k, v)
+        model.config.quantization_config = quantization_config(self.scales == "head", ignore=skipped)
         model.surgery_kv_cache = self
         attach_generate_cache(model)
         ctx.state["tokens"] = ids.numel()
-        return [
+        notes = [
             f"fp8 KV cache with static {self.scales} scales from the {self.percentile:g}th percentile of |k|, |v| on "
             f"{ids.numel()} tokens of {self.calibration_text}; saved as compressed-tensors' kv_cache_scheme "
             "with self_attn.k_scale/v_scale (vLLM reads them)"
         ]
+        if skipped:
+            notes.append(
+                f"{len(skipped)} of {len(windows)} sliding-window layers left in full precision (the scheme's ignore "
+                "list); serve with vLLM's --kv-cache-dtype-skip-layers sliding_window"
+            )
+        return notes
 
     def check_scales(self, model: torch.nn.Module, where: str) -> None:
         """Every k/v scale is a positive finite number per tensor or per kv head, as `scales` says."""
         expected = (text_config(model.config).num_key_value_heads, 1, 1) if self.scales == "head" else (1,)
-        for name, attention in attention_names(model):
+        for (name, attention), window in zip(attention_names(model), layer_windows(model.config), strict=True):
             for kind in ("k_scale", "v_scale"):
                 scale = getattr(attention, kind, None)
+                if window:
+                    if scale is not None:
+                        raise PatchDidNotTakeEffect(f"{self.name}: the sliding-window {name} has a {kind}")
+                    continue
                 if scale is None or tuple(scale.shape) != expected:
                     shape = None if scale is None else list(scale.shape)
                     raise PatchDidNotTakeEffect(
@@ -231,7 +266,9 @@ class KVQuant(Patch):
             if wanted:
                 with safe_open(shard, framework="pt") as f:
                     found |= {n: f.get_tensor(n) for n in wanted}
-        for name, attention in attention_names(model):
+        for (name, attention), window in zip(attention_names(model), layer_windows(model.config), strict=True):
+            if window:
+                continue
             k, v = found.get(f"{name}.k_scale"), found.get(f"{name}.v_scale")
             if k is None or v is None:
                 raise PatchDidNotTakeEffect(
@@ -244,7 +281,8 @@ class KVQuant(Patch):
 
     def verify(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> None:
         cache = self.make_cache(model)
-        layer = cache.layers[0]
+        windows = layer_windows(model.config)
+        layer = cache.layers[windows.index(None)]  # a quantized layer (sliding ones may be skipped)
         from surgery.patches.kivi import KIVILayer
 
         if self.scales:
@@ -256,10 +294,12 @@ class KVQuant(Patch):
 
     def details(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> dict[str, Any]:
         if self.scales:
-            k = torch.cat([a.k_scale.flatten() for a in attention_modules(model)])
-            v = torch.cat([a.v_scale.flatten() for a in attention_modules(model)])
+            quantized = [a for a in attention_modules(model) if getattr(a, "k_scale", None) is not None]
+            k = torch.cat([a.k_scale.flatten() for a in quantized])
+            v = torch.cat([a.v_scale.flatten() for a in quantized])
             return {
                 "calibration_tokens": ctx.state["tokens"],
+                "quantized_layers": len(quantized),
                 "k_scale": [float(k.min()), float(k.max())],
                 "v_scale": [float(v.min()), float(v.max())],
             }
