@@ -242,3 +242,11 @@ def test_the_heal_recipe_dry_runs_on_the_embedded_config():
     result = CliRunner().invoke(main, ["validate", "recipes/smollm2-mla-heal.yaml", "--model", "smollm2"])
     assert result.exit_code == 0, result.output
     assert "KV cache x0.333" in result.output and "rope_theta 316.228" in result.output
+
+
+def test_a_quantized_cache_set_up_before_the_conversion_is_refused_not_dropped():
+    model = tiny_model("llama")
+    surgery.apply(model, "kv-quant", bits=4, residual=16, group_size=8)
+    with pytest.raises(UnsupportedModel, match="carries kv-quant.*apply mla first"):
+        surgery.apply(model, "mla", kv_rank=16, method="svd")
+    assert type(model).__name__ == "LlamaForCausalLM"

@@ -65,7 +65,8 @@ class MLA(Patch):
     ]
 
     kv_rank: int = Field(
-        ge=2, description="latent channels cached per token and layer (kv_lora_rank); one holds the norm's constant"
+        ge=2,
+        description="latent channels cached per token and layer (kv_lora_rank); latent_norm constant uses one of them",
     )
     rope_dim: int | None = Field(
         None, ge=2, description="dimensions of the shared RoPE key (even; default half the head dim)"
@@ -126,6 +127,12 @@ class MLA(Patch):
             raise UnsupportedModel(f"{self.name}: the MLPs have biases, which DeepseekV3's MLPs cannot hold")
         if any(layer_windows(config)):
             raise UnsupportedModel(f"{self.name}: DeepseekV3 has no sliding window; this model uses one")
+        rebuilt = [r["name"] for r in history(model.config) if r["persist"] == "runtime" or r["name"] == "kv-quant"]
+        if rebuilt:
+            raise UnsupportedModel(
+                f"{self.name}: this model carries {', '.join(rebuilt)}, set up on the attention mla replaces; "
+                f"apply mla first, then {rebuilt[0]} where DeepseekV3 supports it"
+            )
         d = head_dim(config)
         rot = self.rotary_dims(d)
         if rot > d:
@@ -329,27 +336,21 @@ def input_statistics(
     model: torch.nn.Module, layers: list[torch.nn.Module], tokenizer: Any, text: str, tokens: int
 ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
     """The calibration token blocks, and per layer over them: second moment and mean of the attention
-    inputs (float64), and the largest input norm."""
+    inputs, and the largest input norm. Accumulated in float32 where the model runs (hidden^2 floats
+    a layer: 2 GiB for a 7B, 21 GiB for a 70B) and returned in float64 on the CPU."""
     from surgery.patches.gqa_fit import BATCH, calibration_ids
 
     ids = calibration_ids(model, tokenizer, text, tokens)
     hidden = model.config.hidden_size
-    stats = [
-        {
-            "moment": torch.zeros(hidden, hidden, dtype=torch.float64),
-            "sum": torch.zeros(hidden, dtype=torch.float64),
-            "count": 0,
-            "max_norm": 0.0,
-        }
-        for _ in layers
-    ]
+    stats: list[dict[str, Any]] = [{"count": 0, "max_norm": 0.0} for _ in layers]
 
     def hook(i: int):
         def grab(_module, args, kwargs):
-            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).reshape(-1, hidden)
-            x = x.detach().to("cpu", torch.float64)
+            x = (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).reshape(-1, hidden).float()
             s = stats[i]
-            s["moment"] += x.T @ x
+            if "moment" not in s:
+                s["moment"], s["sum"] = x.new_zeros(hidden, hidden), x.new_zeros(hidden)
+            s["moment"].addmm_(x.T, x)
             s["sum"] += x.sum(0)
             s["count"] += len(x)
             s["max_norm"] = max(s["max_norm"], x.norm(dim=-1).max().item())
@@ -365,8 +366,8 @@ def input_statistics(
         for h in handles:
             h.remove()
     for s in stats:
-        s["mean"] = s["sum"] / s["count"]
-        s["moment"] /= s["count"]
+        s["mean"] = s.pop("sum").to("cpu", torch.float64) / s["count"]
+        s["moment"] = s["moment"].to("cpu", torch.float64) / s["count"]
     log.info("mla: attention input statistics over %d tokens", ids.numel())
     return ids, stats
 
