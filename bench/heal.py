@@ -68,7 +68,8 @@ def measure(model, tok, length: int, samples: int) -> dict[str, float]:
         e = make_eval("perplexity", lengths=[length], samples=samples, text=domain)
         out[domain] = e.run(model, tok).metrics[f"perplexity.ppl@{length}"]
     e = make_eval("divergence", reference=ORIGINAL, length=length, samples=max(2, samples // 4), text="docs")
-    out["kl"] = e.run(model, tok).metrics[f"divergence.docs.kl@{length}"]
+    metrics = e.run(model, tok).metrics
+    out["kl"], out["top1"] = metrics[f"divergence.docs.kl@{length}"], metrics[f"divergence.docs.top1@{length}"]
     return out
 
 

@@ -18,11 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from heal import ATTENTION, DOMAINS, ORIGINAL
+from heal import ATTENTION, DOMAINS, ORIGINAL, measure
 
 import surgery
 from surgery.data import components
-from surgery.evaluate import make_eval
 from surgery.recipes.finetune import Finetune, run_finetune
 
 ROWS = {
@@ -33,17 +32,6 @@ ROWS = {
 }
 VALUES = {"mqa": 128, "mla 128": 128, "mla 96": 96, "mla 64": 64}
 HEAL = {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc+docs", "loss": "kl"}
-
-
-def measure(model, tok, length: int, samples: int) -> dict[str, float]:
-    out = {}
-    for domain in DOMAINS:
-        e = make_eval("perplexity", lengths=[length], samples=samples, text=domain)
-        out[domain] = e.run(model, tok).metrics[f"perplexity.ppl@{length}"]
-    e = make_eval("divergence", reference=ORIGINAL, length=length, samples=max(2, samples // 4), text="docs")
-    metrics = e.run(model, tok).metrics
-    out["kl"], out["top1"] = metrics[f"divergence.docs.kl@{length}"], metrics[f"divergence.docs.top1@{length}"]
-    return out
 
 
 def converted(name: str, out: Path, mqa_fitted: Path | None, rows: dict) -> Path:

@@ -285,6 +285,16 @@ def history(config: Any) -> list[dict[str, Any]]:
     return list(getattr(config, "surgery", None) or [])
 
 
+def method_fields(patch: Patch, reads: dict[str, tuple[str, ...]]) -> None:
+    """For patches with a `method`: refuse a field set away from its default (`calibration_*`,
+    `fit_*`) that the chosen method does not read. `reads` maps each method to the prefixes it reads."""
+    for name, field in type(patch).model_fields.items():
+        prefix = name.split("_")[0]
+        readers = [method for method, prefixes in reads.items() if prefix in prefixes]
+        if readers and prefix not in reads[patch.method] and getattr(patch, name) != field.default:
+            raise ValueError(f"{name} applies to method {' or '.join(readers)}, not {patch.method}")
+
+
 PATCHES: dict[str, type[Patch]] = {}
 
 

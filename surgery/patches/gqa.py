@@ -25,7 +25,7 @@ from surgery.arch import head_dim, kv_heads, text_config
 from surgery.data import TextSource
 from surgery.errors import PatchDidNotTakeEffect, SurgeryError, UnsupportedModel
 from surgery.lazy import torch
-from surgery.patch import Context, Patch, Snapshot, register
+from surgery.patch import Context, Patch, Snapshot, method_fields, register
 
 log = logging.getLogger(__name__)
 
@@ -109,12 +109,7 @@ class GQA(Patch):
 
     @model_validator(mode="after")
     def _method_fields(self) -> GQA:
-        used = {"mean": (), "aligned": ("calibration",), "fitted": ("calibration", "fit")}[self.method]
-        for name, field in type(self).model_fields.items():
-            prefix = name.split("_")[0]
-            if prefix in ("calibration", "fit") and prefix not in used and getattr(self, name) != field.default:
-                needs = "aligned or fitted" if prefix == "calibration" else "fitted"
-                raise ValueError(f"{name} applies to method {needs}, not {self.method}")
+        method_fields(self, {"mean": (), "aligned": ("calibration",), "fitted": ("calibration", "fit")})
         return self
 
     def check(self, model: torch.nn.Module) -> None:

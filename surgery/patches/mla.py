@@ -42,7 +42,7 @@ from surgery.arch import head_dim, kv_heads, latent_dims, layer_windows, text_co
 from surgery.data import TextSource
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
 from surgery.lazy import torch
-from surgery.patch import Context, Patch, Snapshot, history, register
+from surgery.patch import Context, Patch, Snapshot, history, method_fields, register
 
 log = logging.getLogger(__name__)
 
@@ -97,12 +97,7 @@ class MLA(Patch):
     def _method_fields(self) -> MLA:
         if self.rope_dim is not None and self.rope_dim % 2:
             raise ValueError(f"rope_dim must be even (RoPE rotates pairs), got {self.rope_dim}")
-        used = {"svd": (), "calibrated": ("calibration",), "fitted": ("calibration", "fit")}[self.method]
-        for name, field in type(self).model_fields.items():
-            prefix = name.split("_")[0]
-            if prefix in ("calibration", "fit") and prefix not in used and getattr(self, name) != field.default:
-                needs = "calibrated or fitted" if prefix == "calibration" else "fitted"
-                raise ValueError(f"{name} applies to method {needs}, not {self.method}")
+        method_fields(self, {"svd": (), "calibrated": ("calibration",), "fitted": ("calibration", "fit")})
         return self
 
     # -- what can be converted -------------------------------------------------------------
