@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache
 
 import surgery
 from surgery.arch import kv_cache_bytes
@@ -250,3 +250,23 @@ def test_a_quantized_cache_set_up_before_the_conversion_is_refused_not_dropped()
     with pytest.raises(UnsupportedModel, match="carries kv-quant.*apply mla first"):
         surgery.apply(model, "mla", kv_rank=16, method="svd")
     assert type(model).__name__ == "LlamaForCausalLM"
+
+
+def test_the_scale_norm_writes_no_bias_and_reloads(tmp_path):
+    """latent_norm=scale: the layout vLLM and SGLang build (no kv_a or o_proj bias); the norm's
+    per-token scale is measured on calibration text, and the checkpoint reloads to the same logits."""
+    from safetensors import safe_open
+
+    model = tiny_model("llama", num_key_value_heads=1)
+    record = surgery.apply(
+        model, "mla", kv_rank=D, rope_dim=D, latent_norm="scale", tokenizer=char_tokenizer(), calibration_tokens=256
+    )
+    deviation = record.details["latent_norm_deviation"]
+    assert 0 < deviation["mean"] <= deviation["max"]  # per-token RMS varies: approximate, measured
+    surgery.save(model, None, tmp_path / "mla")
+    assert json.loads((tmp_path / "mla" / "config.json").read_text())["attention_bias"] is False
+    with safe_open(tmp_path / "mla" / "model.safetensors", "pt") as f:
+        assert not [name for name in f.keys() if name.endswith(".bias")]
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "mla").eval()
+    ids = tokens(40)
+    assert torch.equal(logits(stock, ids), logits(model, ids))
