@@ -55,6 +55,7 @@ def test_cli_yarn4_reloads_in_stock_transformers_with_identical_logits(smollm2, 
     assert "base_model: HuggingFaceTB/SmolLM2-135M-Instruct" in (tmp_path / "out" / "README.md").read_text()
 
 
+@pytest.mark.heavy  # ten 64-token generations and three 1k perplexities: minutes; bench/kv_cache.py reports the figures
 def test_kv_int8_greedy_matches_and_perplexity_deltas(smollm2):
     """8-bit KIVI cache: greedy text equals the unquantized one for 64 tokens on >= 4 of 5 prompts
     (300-token prompts, so most of the cache is quantized); chunked perplexity within 0.5% (8-bit)
