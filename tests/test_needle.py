@@ -66,7 +66,7 @@ def test_heatmap(tmp_path):
     assert plot_needle({"a": report, "b": report}, tmp_path / "n.png").stat().st_size > 10_000
 
 
-@pytest.mark.slow
+@pytest.mark.heavy  # 45 prompts of 1k tokens on the embedded model: minutes on 2 cores
 def test_embedded_model_finds_the_passkey_at_1k():
     model, tokenizer = surgery.load_model("smollm2", dtype="float32")
     result = make_eval("needle", lengths=[1024], batch=9).run(model, tokenizer)  # 45 prompts by default

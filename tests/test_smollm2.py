@@ -89,7 +89,7 @@ def test_kv_int8_greedy_matches_and_perplexity_deltas(smollm2):
     assert base < int4 <= base * 1.02
 
 
-def test_full_rank_mla_of_the_mqa_pooled_model_reproduces_its_logits(smollm2, tmp_path):
+def test_full_rank_mla_of_the_mqa_pooled_model_reproduces_its_logits(smollm2):
     """3 -> 1 kv heads by mean pooling, then MLA keeping all 64 RoPE dimensions and a latent of the
     64 value dimensions plus the norm's constant channel: the same function, as a stock DeepseekV3.
     Tolerance: float32 rounding of another multiplication order through 30 layers, and the latent
@@ -105,8 +105,4 @@ def test_full_rank_mla_of_the_mqa_pooled_model_reproduces_its_logits(smollm2, tm
     with torch.no_grad():
         after = model(ids).logits
     torch.testing.assert_close(after, before, rtol=0, atol=3e-3)  # 1.2e-3 measured
-    assert torch.equal(after.argmax(-1), before.argmax(-1))
-    surgery.save(model, tokenizer, tmp_path / "mla")
-    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "mla", dtype=torch.float32).eval()
-    with torch.no_grad():
-        assert torch.equal(stock(ids).logits, after)
+    assert torch.equal(after.argmax(-1), before.argmax(-1))  # saving and stock reloading: tests/test_mla.py
