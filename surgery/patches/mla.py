@@ -21,7 +21,9 @@ Per layer, with head_dim d, r rotary dimensions kept and a latent of L channels:
   K through the `kv_a` bias (`attention_bias: true`), so the norm divides every token by nearly
   the same K/sqrt(L); the norm's weights undo that scale, and channel 0 carries the outputs' mean
   through `kv_b_proj`. K is 1000x a bound on the latent's norm, so the norm's scale stays within
-  5e-7 of constant (measured and recorded in `details`).
+  5e-7 of constant (measured on calibration text and recorded in `details`). vLLM and SGLang
+  build `kv_a_proj_with_mqa` without a bias, so `latent_norm="scale"` writes none: the norm's
+  weight is the latent's calibration RMS, approximate per token until `fitted` and a heal adapt.
 - **Scales.** Queries are rescaled so that softmax_scale, DeepseekV3's own `mscale`, and the
   rotary attention factor (YaRN) give back the source's attention logits exactly.
 - `fitted` then trains each new attention module, bottom-up, to reproduce the original layer's
