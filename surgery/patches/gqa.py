@@ -22,10 +22,10 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from surgery.arch import head_dim, kv_heads, text_config
-from surgery.data import TextSource
 from surgery.errors import PatchDidNotTakeEffect, SurgeryError, UnsupportedModel
 from surgery.lazy import torch
 from surgery.patch import Context, Patch, Snapshot, method_fields, register
+from surgery.patches.gqa_fit import CalibrationText, FitLr, FitSteps, FitTokens
 
 log = logging.getLogger(__name__)
 
@@ -98,12 +98,10 @@ class GQA(Patch):
         "fitted: aligned, then each layer's attention trained to reproduce the original's outputs",
     )
     calibration_tokens: int = Field(2048, ge=16, description="tokens of calibration text for the alignment")
-    calibration_text: TextSource = Field(
-        "pydoc", description="calibration source (train split): pydoc, docs, a file, or hf:NAME"
-    )
-    fit_tokens: int = Field(8192, ge=16, description="fitted: calibration tokens the layers are fitted on")
-    fit_steps: int = Field(50, ge=0, description="fitted: Adam steps per layer (4 sequences each)")
-    fit_lr: float = Field(1e-3, gt=0, le=1, description="fitted: peak learning rate (cosine to a tenth)")
+    calibration_text: CalibrationText = "pydoc"
+    fit_tokens: FitTokens = 8192
+    fit_steps: FitSteps = 50
+    fit_lr: FitLr = 1e-3
 
     streamable: ClassVar[bool] = True
 

@@ -16,12 +16,22 @@ captured from a real forward of the model and replayed."""
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Annotated, Any
 
-from surgery.data import token_blocks
+from pydantic import Field
+
+from surgery.data import TextSource, token_blocks
 from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
+
+# The parameters of every patch that fits (`gqa`/`mqa` and `mla`), declared once.
+CalibrationText = Annotated[
+    TextSource, Field(description="calibration source (train split): pydoc, docs, a file, or hf:NAME")
+]
+FitTokens = Annotated[int, Field(ge=16, description="fitted: calibration tokens the layers are fitted on")]
+FitSteps = Annotated[int, Field(ge=0, description="fitted: Adam steps per layer (4 sequences each)")]
+FitLr = Annotated[float, Field(gt=0, le=1, description="fitted: peak learning rate (cosine to a tenth)")]
 
 BATCH = 4  # sequences per fitting step
 SEQ_LEN = 512

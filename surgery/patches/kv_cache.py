@@ -166,7 +166,7 @@ class KVQuant(Patch):
             return Cache(
                 layers=[
                     DynamicSlidingWindowLayer(sliding_window=window) if window else StaticFp8Layer(a.k_scale, a.v_scale)
-                    for a, window in zip(attention_modules(model), layer_windows(model.config), strict=True)
+                    for _, a, window in windowed_attention(model)
                 ]
             )
         if self.method == "fp8":
@@ -210,9 +210,9 @@ class KVQuant(Patch):
         if gen.cache_implementation == "quantized":  # an earlier fp8 kv-quant: this one replaces it
             gen.cache_implementation, gen.cache_config = None, None
         k_scales, v_scales = calibrate(model, list(ids), self.scales == "head", self.percentile)
-        windows = layer_windows(model.config)
+        layers = windowed_attention(model)
         skipped = []
-        for (name, attention), k, v, window in zip(attention_names(model), k_scales, v_scales, windows, strict=True):
+        for (name, attention, window), k, v in zip(layers, k_scales, v_scales, strict=True):
             if window:  # a sliding layer stays in full precision: no scales (vLLM would read them)
                 skipped.append(name)
             else:
@@ -228,7 +228,7 @@ class KVQuant(Patch):
         ]
         if skipped:
             notes.append(
-                f"{len(skipped)} of {len(windows)} sliding-window layers left in full precision (the scheme's ignore "
+                f"{len(skipped)} of {len(layers)} sliding-window layers left in full precision (the scheme's ignore "
                 "list); serve with vLLM's --kv-cache-dtype-skip-layers sliding_window"
             )
         return notes
@@ -236,7 +236,7 @@ class KVQuant(Patch):
     def check_scales(self, model: torch.nn.Module, where: str) -> None:
         """Every k/v scale is a positive finite number per tensor or per kv head, as `scales` says."""
         expected = (text_config(model.config).num_key_value_heads, 1, 1) if self.scales == "head" else (1,)
-        for (name, attention), window in zip(attention_names(model), layer_windows(model.config), strict=True):
+        for name, attention, window in windowed_attention(model):
             for kind in ("k_scale", "v_scale"):
                 scale = getattr(attention, kind, None)
                 if window:
@@ -266,7 +266,7 @@ class KVQuant(Patch):
             if wanted:
                 with safe_open(shard, framework="pt") as f:
                     found |= {n: f.get_tensor(n) for n in wanted}
-        for (name, attention), window in zip(attention_names(model), layer_windows(model.config), strict=True):
+        for name, attention, window in windowed_attention(model):
             if window:
                 continue
             k, v = found.get(f"{name}.k_scale"), found.get(f"{name}.v_scale")
@@ -294,7 +294,7 @@ class KVQuant(Patch):
 
     def details(self, model: torch.nn.Module, before: Snapshot, ctx: Context) -> dict[str, Any]:
         if self.scales:
-            quantized = [a for a in attention_modules(model) if getattr(a, "k_scale", None) is not None]
+            quantized = [a for _, a, window in windowed_attention(model) if not window]
             k = torch.cat([a.k_scale.flatten() for a in quantized])
             v = torch.cat([a.v_scale.flatten() for a in quantized])
             return {
@@ -326,6 +326,11 @@ def kv_only(config: Any) -> bool:
 def attention_names(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
     """(checkpoint name, module) of every decoder layer's attention, in layer order."""
     return [(n, m) for n, m in model.named_modules() if n.endswith("self_attn")]
+
+
+def windowed_attention(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module, int | None]]:
+    """(checkpoint name, module, sliding window or None) of every decoder layer's attention."""
+    return [(n, m, w) for (n, m), w in zip(attention_names(model), layer_windows(model.config), strict=True)]
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
