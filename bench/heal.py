@@ -31,6 +31,17 @@ VARIANTS: dict[str, dict | None] = {
     "kl": {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc", "loss": "kl"},
     "kl + ce": {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc", "loss": "kl", "kl_weight": 0.5},
     "kl mix": {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc+docs", "loss": "kl"},
+    "kl mix, lr 3e-4": {**ATTENTION, "max_steps": 200, "learning_rate": 3e-4, "text": "pydoc+docs", "loss": "kl"},
+    "kl mix, 100 steps": {**ATTENTION, "max_steps": 100, "learning_rate": 1e-3, "text": "pydoc+docs", "loss": "kl"},
+    "kl mix, 2048-token windows": {
+        **ATTENTION,
+        "seq_len": 2048,
+        "batch_size": 1,
+        "max_steps": 100,
+        "learning_rate": 1e-3,
+        "text": "pydoc+docs",
+        "loss": "kl",
+    },
     "fit mix, kl mix": {
         **ATTENTION,
         "max_steps": 200,
@@ -58,6 +69,9 @@ SHORT = {
     "kl + ce": "full attention, kl 0.5 + ce 0.5, pydoc",
     "kl mix": "full attention, kl, pydoc+docs",
     "lora kl": "LoRA r64 on q/k/v/o, kl, pydoc",
+    "kl mix, lr 3e-4": "full attention, kl, pydoc+docs, lr 3e-4",
+    "kl mix, 100 steps": "full attention, kl, pydoc+docs, 100 steps",
+    "kl mix, 2048-token windows": "full attention, kl, pydoc+docs, 100 steps of 1 x 2048 tokens (same tokens)",
     "fit mix, kl mix": "fitted on pydoc+docs; full attention, kl, pydoc+docs",
 }
 
