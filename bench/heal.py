@@ -25,31 +25,18 @@ from surgery.recipes.finetune import Finetune, run_finetune
 ORIGINAL = "smollm2"
 DOMAINS = ("pydoc", "docs", "licenses")
 ATTENTION = {"method": "full", "trainable": ["*.self_attn.*"], "seq_len": 512, "batch_size": 2, "warmup_steps": 10}
+# The recipe's heal: the attention projections, distilling the original on pydoc+docs.
+KL_MIX = {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc+docs", "loss": "kl"}
 VARIANTS: dict[str, dict | None] = {
     "fitted, no heal": None,
     "current": {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc"},
-    "kl": {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc", "loss": "kl"},
-    "kl + ce": {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc", "loss": "kl", "kl_weight": 0.5},
-    "kl mix": {**ATTENTION, "max_steps": 200, "learning_rate": 1e-3, "text": "pydoc+docs", "loss": "kl"},
-    "kl mix, lr 3e-4": {**ATTENTION, "max_steps": 200, "learning_rate": 3e-4, "text": "pydoc+docs", "loss": "kl"},
-    "kl mix, 100 steps": {**ATTENTION, "max_steps": 100, "learning_rate": 1e-3, "text": "pydoc+docs", "loss": "kl"},
-    "kl mix, 2048-token windows": {
-        **ATTENTION,
-        "seq_len": 2048,
-        "batch_size": 1,
-        "max_steps": 100,
-        "learning_rate": 1e-3,
-        "text": "pydoc+docs",
-        "loss": "kl",
-    },
-    "fit mix, kl mix": {
-        **ATTENTION,
-        "max_steps": 200,
-        "learning_rate": 1e-3,
-        "text": "pydoc+docs",
-        "loss": "kl",
-        "fit": "pydoc+docs",
-    },
+    "kl": {**KL_MIX, "text": "pydoc"},
+    "kl + ce": {**KL_MIX, "text": "pydoc", "kl_weight": 0.5},
+    "kl mix": KL_MIX,
+    "kl mix, lr 3e-4": {**KL_MIX, "learning_rate": 3e-4},
+    "kl mix, 100 steps": {**KL_MIX, "max_steps": 100},
+    "kl mix, 2048-token windows": {**KL_MIX, "seq_len": 2048, "batch_size": 1, "max_steps": 100},
+    "fit mix, kl mix": {**KL_MIX, "fit": "pydoc+docs"},
     "lora kl": {
         "method": "lora",
         "lora_r": 64,
