@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -75,6 +76,8 @@ def measure(model, tok, length: int, samples: int) -> dict[str, float]:
 
 
 def main() -> None:
+    logging.basicConfig(format="%(message)s")  # surgery's progress lines a minute, for runs under nohup
+    logging.getLogger("surgery").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("runs/heal"))

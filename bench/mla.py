@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -51,6 +52,8 @@ def converted(name: str, out: Path, mqa_fitted: Path | None, rows: dict) -> Path
 
 
 def main() -> None:
+    logging.basicConfig(format="%(message)s")  # surgery's progress lines a minute, for runs under nohup
+    logging.getLogger("surgery").setLevel(logging.INFO)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--heal", nargs="*", default=list(ROWS), choices=list(ROWS))

@@ -40,7 +40,7 @@ class Group(click.Group):
 
 @click.group(cls=Group)
 @click.option("-v", "--verbose", is_flag=True, help="Log progress details.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars (they show on terminals only anyway).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress: no bars on a terminal, no progress lines in a log.")
 @click.version_option(surgery.__version__, prog_name="surgery")
 def main(verbose: bool, quiet: bool) -> None:
     """Model surgery for HuggingFace causal LMs: rewrite, verify, evaluate, save."""

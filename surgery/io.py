@@ -21,16 +21,21 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from surgery.errors import OutputBusy, OutputExists, SurgeryError, UnsafeOutput
+
+log = logging.getLogger(__name__)
 
 MARKER = "surgery.json"  # every output surgery writes holds one; --force replaces only those
 FAULT_ENV = "SURGERY_FAULT"  # NAME or NAME:N: SIGKILL this process the N-th time it reaches NAME
@@ -385,13 +390,66 @@ def clone_file(src: Path, dst: Path) -> str:
 
 
 QUIET = False  # `surgery --quiet`: no progress bars at all
+LOG_EVERY = 60.0  # seconds between progress lines where no bar can show
+
+
+class LoggedProgress:
+    """Progress where a bar cannot show (stderr is a log file: nohup, CI, a scheduler): one line on
+    the `surgery` log at most every LOG_EVERY seconds, with the count, rate, ETA and the last
+    postfix, so `tail -f` tells where a long job is. Work shorter than that logs nothing. Has the
+    part of tqdm's interface the callers use."""
+
+    def __init__(self, total: float, desc: str, unit: str = "it", unit_scale: bool = False, **_: Any) -> None:
+        self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
+        self.n, self.postfix, self.disable = 0, "", False
+        self.start = self.last = time.monotonic()
+
+    def __enter__(self) -> LoggedProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def size(self, n: float) -> str:
+        from tqdm import tqdm
+
+        return tqdm.format_sizeof(n, self.unit, 1024) if self.unit_scale else f"{n:g}"
+
+    def line(self, elapsed: float) -> str:
+        """One line, such as `finetune: 40/200 step, 9.6 s/step, 25:36 left (loss 1.234)`."""
+        from tqdm import tqdm
+
+        rate = self.n / elapsed if elapsed > 0 else 0.0
+        done = f"{self.size(self.n)}/{self.size(self.total)}" + ("" if self.unit_scale else f" {self.unit}")
+        if self.unit_scale:
+            speed = f"{self.size(rate)}/s"
+        else:
+            speed = f"{1 / rate:.3g} s/{self.unit}" if 0 < rate < 1 else f"{rate:.3g} {self.unit}/s"
+        eta = tqdm.format_interval((self.total - self.n) / rate) if rate > 0 else "?"
+        return f"{self.desc}: {done}, {speed}, {eta} left" + (f" ({self.postfix})" if self.postfix else "")
+
+    def update(self, n: float = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if not self.disable and now - self.last >= LOG_EVERY:
+            self.last = now
+            log.info("%s", self.line(now - self.start))
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
+
+    def close(self) -> None:
+        pass
 
 
 def progress(total: float, desc: str, unit: str = "it", **kwargs: Any) -> Any:
-    """A progress bar with rate and ETA on stderr for long work; shown on terminals only (tqdm
-    decides), never under `--quiet`, so logs and tests stay clean."""
+    """A progress bar with rate and ETA on stderr for long work, never under `--quiet`. On a
+    terminal it is tqdm's bar; elsewhere (a log file, tests) a line a minute, and nothing for
+    short work, so logs and tests stay clean."""
     from tqdm.auto import tqdm
 
+    if not QUIET and not sys.stderr.isatty():
+        return LoggedProgress(total, desc, unit, **kwargs)
     return tqdm(
         total=total, desc=desc, unit=unit, disable=True if QUIET else None, leave=False, dynamic_ncols=True, **kwargs
     )

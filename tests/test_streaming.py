@@ -162,3 +162,42 @@ def test_streaming_shows_progress_on_a_terminal_and_none_under_quiet(tmp_path, m
         apply_streaming(make_patch("mqa"), src, tmp_path / f"out-{quiet}")
         shown = sys.stderr.getvalue()
         assert ("streaming tensors" in shown) != quiet and "copying" not in shown, shown  # no bar for small files
+
+
+def test_long_work_logs_progress_lines_where_no_bar_can_show(tmp_path, monkeypatch, caplog):
+    """Under nohup or CI (stderr is a file) a bar cannot show: long work logs a line a minute with
+    count, rate and time left; work shorter than that logs nothing; --quiet logs nothing."""
+    import io
+    import logging
+
+    import surgery.io
+    from surgery.patch import make_patch
+    from surgery.streaming import apply_streaming
+
+    src = tmp_path / "src"
+    tiny_model("llama").save_pretrained(src)
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    caplog.set_level(logging.INFO, logger="surgery")
+    apply_streaming(make_patch("mqa"), src, tmp_path / "short")
+    assert not [r for r in caplog.records if r.name == "surgery.io"]  # a second of work: no line
+
+    monkeypatch.setattr(surgery.io, "LOG_EVERY", 0.0)  # every update is "a minute later"
+    caplog.clear()
+    apply_streaming(make_patch("mqa"), src, tmp_path / "logged")
+    lines = [r.getMessage() for r in caplog.records if r.name == "surgery.io"]
+    size = sum(f.stat().st_size for f in src.glob("*.safetensors"))
+    total = surgery.io.LoggedProgress(size, "", "B", unit_scale=True).size(size)
+    assert lines and lines[-1].startswith("streaming tensors: ") and f"/{total}, " in lines[-1], lines
+
+    bar = surgery.io.progress(10, "finetune", "step")
+    for loss in (2.5, 1.25):
+        bar.set_postfix(loss=f"{loss:.3f}")
+        bar.update(5)
+    first, last = (r.getMessage() for r in caplog.records[-2:])
+    assert first.startswith("finetune: 5/10 step, ") and first.endswith(" left (loss 2.500)"), first
+    assert last.startswith("finetune: 10/10 step, ") and last.endswith(" 00:00 left (loss 1.250)"), last
+
+    monkeypatch.setattr(surgery.io, "QUIET", True)
+    caplog.clear()
+    apply_streaming(make_patch("mqa"), src, tmp_path / "quiet")
+    assert not [r for r in caplog.records if r.name == "surgery.io"]
