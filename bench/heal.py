@@ -37,7 +37,9 @@ VARIANTS: dict[str, dict | None] = {
     "kl mix, lr 3e-4": {**KL_MIX, "learning_rate": 3e-4},
     "kl mix, 100 steps": {**KL_MIX, "max_steps": 100},
     "kl mix, 2048-token windows": {**KL_MIX, "seq_len": 2048, "batch_size": 1, "max_steps": 100},
-    "fit mix, kl mix": {**KL_MIX, "fit": "pydoc+docs"},
+    "fit mix, kl mix": {**KL_MIX, "fit": {"calibration_text": "pydoc+docs"}},
+    "fit 2048, no heal": {"fit": {"fit_seq_len": 2048}},
+    "fit 2048, kl mix": {**KL_MIX, "fit": {"fit_seq_len": 2048}},
     "lora kl": {
         "method": "lora",
         "lora_r": 64,
@@ -61,6 +63,8 @@ SHORT = {
     "kl mix, 100 steps": "full attention, kl, pydoc+docs, 100 steps",
     "kl mix, 2048-token windows": "full attention, kl, pydoc+docs, 100 steps of 1 x 2048 tokens (same tokens)",
     "fit mix, kl mix": "fitted on pydoc+docs; full attention, kl, pydoc+docs",
+    "fit 2048, no heal": "fitted on 2048-token windows (same 8192 tokens)",
+    "fit 2048, kl mix": "fitted on 2048-token windows; full attention, kl, pydoc+docs",
 }
 
 
@@ -93,17 +97,18 @@ def main() -> None:
         del model
     for name in args.variants:
         settings = dict(VARIANTS[name] or {})
-        fit = settings.pop("fit", "pydoc")
-        fitted = args.out / ("fitted" if fit == "pydoc" else f"fitted-{fit}")
+        fit = {"calibration_text": "pydoc", **settings.pop("fit", {})}  # the mqa patch's settings
+        label = "-".join(str(v) for k, v in fit.items() if k != "calibration_text" or v != "pydoc")
+        fitted = args.out / ("fitted" if not label else f"fitted-{label}")
         if not (fitted / "config.json").is_file():
             model, tok = surgery.load_model(ORIGINAL, dtype="float32")
             start = time.perf_counter()
-            surgery.apply(model, "mqa", tokenizer=tok, method="fitted", calibration_text=fit)
+            surgery.apply(model, "mqa", tokenizer=tok, method="fitted", **fit)
             surgery.save(model, tok, fitted, base_model=ORIGINAL, force=True)
-            rows[f"fit seconds ({fit})"] = time.perf_counter() - start
+            rows[f"fit seconds ({label or 'pydoc'})"] = time.perf_counter() - start
             del model
         model, tok = surgery.load_model(str(fitted), dtype="float32")
-        seconds, trained = 0.0, sorted(components(fit))  # the fit calibrates on its text
+        seconds, trained = 0.0, sorted(components(fit["calibration_text"]))  # the fit calibrates on its text
         if settings:
             torch.manual_seed(0)
             result = run_finetune(model, tok, Finetune(**settings), seed=0, teacher=ORIGINAL)

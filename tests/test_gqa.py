@@ -137,6 +137,20 @@ def test_fitting_brings_the_pooled_model_closer_to_the_original(arch):
     assert errors["fitted"] < 0.7 * errors["aligned"], errors  # the logits, on held-out text
 
 
+def test_the_fit_window_is_a_parameter_capped_by_the_context_and_recorded():
+    from surgery.patches.gqa_fit import calibration_ids
+
+    model, tok = tiny_model("llama", num_key_value_heads=4), char_tokenizer()
+    assert calibration_ids(model, tok, "pydoc", 256, 32).shape == (8, 32)
+    assert calibration_ids(model, tok, "pydoc", 1024, 4096).shape == (16, 64)  # the tiny model's context is 64
+    with pytest.raises(surgery.SurgeryError, match="fit_seq_len applies to method fitted, not mean"):
+        surgery.apply(model, "gqa", num_kv_heads=1, fit_seq_len=32)
+    params = {"method": "fitted", "fit_tokens": 128, "fit_steps": 2, "fit_seq_len": 32}
+    record = surgery.apply(model, "gqa", tokenizer=tok, num_kv_heads=1, **params)
+    assert "on 128 calibration tokens" in record.notes[-1], record.notes
+    assert model.config.surgery[-1]["params"]["fit_seq_len"] == 32
+
+
 def test_fitting_a_bfloat16_model_trains_in_float32_and_keeps_its_dtype():
     model = tiny_model("llama", num_key_value_heads=4).to(torch.bfloat16)
     frozen = {n for n, p in model.named_parameters() if "embed" in n}

@@ -25,7 +25,7 @@ from surgery.arch import head_dim, kv_heads, text_config
 from surgery.errors import PatchDidNotTakeEffect, SurgeryError, UnsupportedModel
 from surgery.lazy import torch
 from surgery.patch import Context, Patch, Snapshot, method_fields, register
-from surgery.patches.gqa_fit import CalibrationText, FitLr, FitSteps, FitTokens
+from surgery.patches.gqa_fit import SEQ_LEN, CalibrationText, FitLr, FitSeqLen, FitSteps, FitTokens
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class GQA(Patch):
     fit_tokens: FitTokens = 8192
     fit_steps: FitSteps = 50
     fit_lr: FitLr = 1e-3
+    fit_seq_len: FitSeqLen = SEQ_LEN
 
     streamable: ClassVar[bool] = True
 

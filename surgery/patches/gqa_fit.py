@@ -32,9 +32,17 @@ CalibrationText = Annotated[
 FitTokens = Annotated[int, Field(ge=16, description="fitted: calibration tokens the layers are fitted on")]
 FitSteps = Annotated[int, Field(ge=0, description="fitted: Adam steps per layer (4 sequences each)")]
 FitLr = Annotated[float, Field(gt=0, le=1, description="fitted: peak learning rate (cosine to a tenth)")]
+FitSeqLen = Annotated[
+    int,
+    Field(
+        ge=16,
+        description="fitted: tokens per calibration window (capped by the model's context); the fit only sees "
+        "query-key distances below it",
+    ),
+]
 
 BATCH = 4  # sequences per fitting step
-SEQ_LEN = 512
+SEQ_LEN = 512  # tokens per calibration window, unless a patch's fit_seq_len says otherwise
 
 
 class _Stop(Exception):
@@ -53,10 +61,12 @@ def as_float(value: Any) -> Any:
     return value
 
 
-def calibration_ids(model: torch.nn.Module, tokenizer: Any, text: str, tokens: int) -> torch.Tensor:
-    """(N, seq) token blocks spread evenly over the train split; N a multiple of the batch."""
-    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or SEQ_LEN
-    seq_len = min(SEQ_LEN, tokens, limit)
+def calibration_ids(
+    model: torch.nn.Module, tokenizer: Any, text: str, tokens: int, seq_len: int = SEQ_LEN
+) -> torch.Tensor:
+    """(N, seq_len) token blocks spread evenly over the train split; N a multiple of the batch."""
+    limit = getattr(model.config.get_text_config(), "max_position_embeddings", None) or seq_len
+    seq_len = min(seq_len, tokens, limit)
     blocks = token_blocks(tokenizer, text, seq_len)
     n = min(len(blocks), max(1, tokens // seq_len))
     n = n - n % BATCH if n >= BATCH else n
@@ -198,7 +208,7 @@ def fit_attention(
     model is another architecture, with the position embeddings and masks that model makes."""
     from surgery.io import progress
 
-    ids = calibration_ids(model, tokenizer, patch.calibration_text, patch.fit_tokens)
+    ids = calibration_ids(model, tokenizer, patch.calibration_text, patch.fit_tokens, patch.fit_seq_len)
     batch = min(BATCH, len(ids))
     parents = [name.rsplit(".", 1)[0] for name, _ in modules]
     layers = [model.get_submodule(parent) for parent in parents]

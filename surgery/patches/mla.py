@@ -44,7 +44,7 @@ from surgery.arch import head_dim, kv_heads, latent_dims, layer_windows, text_co
 from surgery.errors import PatchDidNotTakeEffect, UnsupportedModel
 from surgery.lazy import torch
 from surgery.patch import Context, Patch, Snapshot, history, method_fields, register
-from surgery.patches.gqa_fit import CalibrationText, FitLr, FitSteps, FitTokens
+from surgery.patches.gqa_fit import SEQ_LEN, CalibrationText, FitLr, FitSeqLen, FitSteps, FitTokens
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,7 @@ class MLA(Patch):
     fit_tokens: FitTokens = 8192
     fit_steps: FitSteps = 50
     fit_lr: FitLr = 1e-3
+    fit_seq_len: FitSeqLen = SEQ_LEN
 
     @model_validator(mode="after")
     def _method_fields(self) -> MLA:
