@@ -444,11 +444,13 @@ class LoggedProgress:
 
 def progress(total: float, desc: str, unit: str = "it", **kwargs: Any) -> Any:
     """A progress bar with rate and ETA on stderr for long work, never under `--quiet`. On a
-    terminal it is tqdm's bar; elsewhere (a log file, tests) a line a minute, and nothing for
-    short work, so logs and tests stay clean."""
+    terminal it is tqdm's bar, in a notebook tqdm's widget; elsewhere (a log file, tests) a line a
+    minute, and nothing for short work, so logs and tests stay clean."""
     from tqdm.auto import tqdm
+    from tqdm.autonotebook import tqdm as chosen
+    from tqdm.std import tqdm as plain
 
-    if not QUIET and not sys.stderr.isatty():
+    if not QUIET and chosen is plain and not sys.stderr.isatty():
         return LoggedProgress(total, desc, unit, **kwargs)
     return tqdm(
         total=total, desc=desc, unit=unit, disable=True if QUIET else None, leave=False, dynamic_ncols=True, **kwargs

@@ -197,6 +197,13 @@ def test_long_work_logs_progress_lines_where_no_bar_can_show(tmp_path, monkeypat
     assert first.startswith("finetune: 5/10 step, ") and first.endswith(" left (loss 2.500)"), first
     assert last.startswith("finetune: 10/10 step, ") and last.endswith(" 00:00 left (loss 1.250)"), last
 
+    import tqdm.autonotebook
+
+    with monkeypatch.context() as patched:  # in Jupyter tqdm's widget shows instead
+        patched.setattr(tqdm.autonotebook, "tqdm", type("NotebookBar", (), {}))
+        assert not isinstance(surgery.io.progress(3, "finetune"), surgery.io.LoggedProgress)
+    assert isinstance(surgery.io.progress(3, "finetune"), surgery.io.LoggedProgress)
+
     monkeypatch.setattr(surgery.io, "QUIET", True)
     caplog.clear()
     apply_streaming(make_patch("mqa"), src, tmp_path / "quiet")
