@@ -435,7 +435,8 @@ class LoggedProgress:
             self.last = now
             log.info("%s", self.line(now - self.start))
 
-    def set_postfix(self, **values: Any) -> None:
+    def set_postfix(self, refresh: bool = True, **values: Any) -> None:
+        """Shown from the next update on (callers set it first, then update)."""
         self.postfix = ", ".join(f"{k} {v}" for k, v in values.items())
 
     def close(self) -> None:

@@ -410,9 +410,14 @@ def test_a_model_that_does_not_load_leaves_nothing(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
 
 
-def test_lora_finetune_merges_back_into_a_plain_model():
+def test_lora_finetune_merges_back_into_a_plain_model(monkeypatch, caplog):
+    import logging
+
+    import surgery.io
     from surgery.recipes.finetune import Finetune, run_finetune
 
+    monkeypatch.setattr(surgery.io, "LOG_EVERY", 0.0)  # a progress line per step (stderr is not a terminal)
+    caplog.set_level(logging.INFO, logger="surgery.io")
     model = tiny_model("llama")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     settings = Finetune(
@@ -421,6 +426,9 @@ def test_lora_finetune_merges_back_into_a_plain_model():
     result = run_finetune(model, char_tokenizer(), settings, seed=1)
     # rank 16 adapters: q_proj 64->64 and v_proj 64->32 (2 kv heads of 16) on 2 layers
     assert len(result["losses"]) == 3 and result["trainable"] == 2 * (16 * (64 + 64) + 16 * (64 + 32))
+    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("finetune: ")]
+    assert [line.split(",")[0] for line in steps] == [f"finetune: {i}/3 step" for i in (1, 2, 3)], steps
+    assert steps[-1].endswith(f" left (loss {result['losses'][-1]:.3f})"), steps  # this step's loss
     assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in model.named_modules())
     after = model.state_dict()
     assert set(after) == set(before)

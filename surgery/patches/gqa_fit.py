@@ -241,8 +241,8 @@ def fit_attention(
         )
         *_, student_hidden = through_layer(layer, attr, student, student_hidden, kwargs)
         log.info("%s: relative error %.4f -> %.4f", name, *errors[-1])
+        bar.set_postfix(error=f"{errors[-1][1]:.3f}", refresh=False)  # before the update: a logged line carries it
         bar.update(1)
-        bar.set_postfix(error=f"{errors[-1][1]:.3f}")
     bar.close()
     before = sum(e[0] for e in errors) / len(errors)
     after = sum(e[1] for e in errors) / len(errors)

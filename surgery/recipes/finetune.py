@@ -196,8 +196,8 @@ def train_steps(
                 optimizer.zero_grad()
             step_loss += loss.detach() / settings.grad_accum
         losses.append(accelerator.gather(step_loss[None]).mean().item())
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", refresh=False)  # before the update: a logged line carries it
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.3f}")
     bar.close()
     return losses
 
