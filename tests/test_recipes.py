@@ -426,7 +426,7 @@ def test_lora_finetune_merges_back_into_a_plain_model(monkeypatch, caplog):
     result = run_finetune(model, char_tokenizer(), settings, seed=1)
     # rank 16 adapters: q_proj 64->64 and v_proj 64->32 (2 kv heads of 16) on 2 layers
     assert len(result["losses"]) == 3 and result["trainable"] == 2 * (16 * (64 + 64) + 16 * (64 + 32))
-    steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("finetune: ")]
+    steps = [r.getMessage() for r in caplog.records if r.name == "surgery.io" and r.getMessage().startswith("finetune")]
     assert [line.split(",")[0] for line in steps] == [f"finetune: {i}/3 step" for i in (1, 2, 3)], steps
     assert steps[-1].endswith(f" left (loss {result['losses'][-1]:.3f})"), steps  # this step's loss
     assert type(model).__name__ == "LlamaForCausalLM" and not any("lora" in n for n, _ in model.named_modules())
