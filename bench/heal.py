@@ -79,9 +79,14 @@ def measure(model, tok, length: int, samples: int) -> dict[str, float]:
     return out
 
 
-def main() -> None:
-    logging.basicConfig(format="%(message)s")  # surgery's progress lines a minute, for runs under nohup
+def show_progress_lines() -> None:
+    """surgery's progress lines (one a minute), for benchmarks run under nohup."""
+    logging.basicConfig(format="%(message)s")
     logging.getLogger("surgery").setLevel(logging.INFO)
+
+
+def main() -> None:
+    show_progress_lines()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=Path("runs/heal"))
@@ -97,8 +102,8 @@ def main() -> None:
         del model
     for name in args.variants:
         settings = dict(VARIANTS[name] or {})
-        fit = {"calibration_text": "pydoc", **settings.pop("fit", {})}  # the mqa patch's settings
-        label = "-".join(str(v) for k, v in fit.items() if k != "calibration_text" or v != "pydoc")
+        changes = settings.pop("fit", {})  # to the mqa patch's fit settings
+        fit, label = {"calibration_text": "pydoc", **changes}, "-".join(map(str, changes.values()))
         fitted = args.out / ("fitted" if not label else f"fitted-{label}")
         if not (fitted / "config.json").is_file():
             model, tok = surgery.load_model(ORIGINAL, dtype="float32")

@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import time
 from pathlib import Path
 
 import torch
-from heal import DOMAINS, KL_MIX, ORIGINAL, measure
+from heal import DOMAINS, KL_MIX, ORIGINAL, measure, show_progress_lines
 
 import surgery
 from surgery.data import components
@@ -52,8 +51,7 @@ def converted(name: str, out: Path, mqa_fitted: Path | None, rows: dict) -> Path
 
 
 def main() -> None:
-    logging.basicConfig(format="%(message)s")  # surgery's progress lines a minute, for runs under nohup
-    logging.getLogger("surgery").setLevel(logging.INFO)
+    show_progress_lines()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--heal", nargs="*", default=list(ROWS), choices=list(ROWS))

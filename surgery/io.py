@@ -399,8 +399,11 @@ class LoggedProgress:
     postfix, so `tail -f` tells where a long job is. Work shorter than that logs nothing. Has the
     part of tqdm's interface the callers use."""
 
-    def __init__(self, total: float, desc: str, unit: str = "it", unit_scale: bool = False, **_: Any) -> None:
-        self.total, self.desc, self.unit, self.unit_scale = total, desc, unit, unit_scale
+    def __init__(
+        self, total: float, desc: str, unit: str = "it", unit_scale: bool = False, unit_divisor: int = 1000, **_: Any
+    ) -> None:
+        self.total, self.desc, self.unit = total, desc, unit
+        self.unit_scale, self.unit_divisor = unit_scale, unit_divisor  # as tqdm's: bytes pass 1024
         self.n, self.postfix, self.disable = 0, "", False
         self.start = self.last = time.monotonic()
 
@@ -413,7 +416,7 @@ class LoggedProgress:
     def size(self, n: float) -> str:
         from tqdm import tqdm
 
-        return tqdm.format_sizeof(n, self.unit, 1024) if self.unit_scale else f"{n:g}"
+        return tqdm.format_sizeof(n, self.unit, self.unit_divisor) if self.unit_scale else f"{n:g}"
 
     def line(self, elapsed: float) -> str:
         """One line, such as `finetune: 40/200 step, 9.6 s/step, 25:36 left (loss 1.234)`."""
