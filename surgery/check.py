@@ -227,37 +227,60 @@ def patch_records(config: Any) -> list[dict[str, Any]]:
 # ---------------------------------------------------------------------- the original's results
 
 
-def original_cache(original: str, e: Eval, dtype: str) -> Path:
+def original_key(original: str, e: Eval, dtype: str) -> dict[str, Any]:
+    """Everything the original's result for `e` depends on: the model's files, the eval and its
+    parameters (text, lengths, samples, seed), the dtype and the code that computed it."""
     from surgery.evaluate.divergence import model_identity
+    from surgery.keys import versions
+
+    return {
+        "version": 2,
+        "model": model_identity(original),
+        "eval": e.name,
+        "params": e.model_dump(mode="json"),
+        "dtype": dtype,
+        "versions": versions(),
+    }
+
+
+def original_cache(key: dict[str, Any]) -> Path:
+    from surgery.keys import digest
     from surgery.models import cache_dir
 
-    key = {"version": 1, "model": model_identity(original), "eval": e.name, "params": e.model_dump(mode="json")}
-    key["dtype"] = dtype
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir() / "check" / f"{digest}.json"
+    return cache_dir() / "check" / f"{digest(key)}.json"
 
 
-def cached_result(path: Path, e: Eval) -> EvalResult | None:
-    """The original's cached result for `e`, if it is one: same eval, same parameters, intervals
-    that hold their values."""
-    try:
-        result = EvalResult.model_validate_json(path.read_bytes())
-    except (OSError, ValueError):
+def cached_result(path: Path, key: dict[str, Any]) -> EvalResult | None:
+    """The original's cached result stored at `path`, if it is the entry for `key` (which it
+    carries inside) and its intervals hold their values; a refused entry is named in a warning."""
+    from surgery.keys import mismatch
+
+    if not path.is_file():
         return None
-    if result.name != e.name or result.params != e.model_dump(mode="json") or interval_problem(result):
-        log.warning("check: ignoring the cached result %s, which is not this eval's", path)
+    try:
+        entry = json.loads(path.read_bytes())
+        problem = mismatch(entry.get("key") if isinstance(entry, dict) else None, key)
+        result = EvalResult.model_validate(entry["result"]) if problem is None else None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        problem, result = f"it is not a cached result ({type(err).__name__})", None
+    if result is not None and (result.name != key["eval"] or result.params != key["params"]):
+        problem = "its result is another eval's"
+    elif result is not None and interval_problem(result):
+        problem = interval_problem(result)
+    if problem:
+        log.warning("check: refusing the cached result %s: %s; recomputing it", path, problem)
         return None
     return result
 
 
-def store(path: Path, result: EvalResult) -> None:
-    """Cache a result; an unwritable cache costs the next check a recompute, nothing else."""
+def store(path: Path, key: dict[str, Any], result: EvalResult) -> None:
+    """Cache a result with its key; an unwritable cache costs the next check a recompute, nothing else."""
     import os
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(result.model_dump_json())
+        tmp.write_text(json.dumps({"key": key, "result": result.model_dump(mode="json")}))
         os.replace(tmp, path)
     except OSError as err:
         log.warning("check: could not cache %s (%s)", path, err)
@@ -361,15 +384,18 @@ def run_check(
         say(line)
     before: list[EvalResult] = []
     for it in battery.items:
-        if it.eval.name == "divergence":
-            it.eval.prepare_reference(model, tokenizer)  # cached by model and windows
+        if it.eval.name == "divergence" and it.eval.prepare_reference(model, tokenizer):  # cached by its full key
+            say(f"original: reference statistics on {it.eval.domain} reused from the cache (same files, text and code)")
         if it.original:
-            path = original_cache(original, it.eval, dtype)
-            result = cached_result(path, it.eval)
+            key = original_key(original, it.eval, dtype)
+            path = original_cache(key)
+            result = cached_result(path, key)
             if result is None:
                 say(f"original: {it.eval.name} ...")
                 result = it.eval.run(model, tokenizer)
-                store(path, result)
+                store(path, key, result)
+            else:
+                say(f"original: {it.eval.name} reused from the cache ({path.name}, same model files, settings and code)")
             before.append(result)
     del model
     gc.collect()

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import logging
@@ -115,10 +114,43 @@ def base_model_of_dir(path: Path) -> str:
     return path.resolve().name
 
 
-def _gguf_cache_path(gguf: Path) -> Path:
+CONVERT_VERSION = 2  # raise when convert_gguf writes a different checkpoint from the same file
+
+
+def gguf_cache_key(gguf: Path) -> dict[str, Any]:
+    """What a converted GGUF depends on: the file (path, size, modification time), this
+    conversion's version and the libraries that dequantise it. Stored in the entry's
+    `surgery-source.json` and compared before the entry is used."""
+    from surgery.keys import _version
+
     st = gguf.stat()
-    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    return cache_dir() / "models" / f"{gguf.stem}-{key}"
+    key: dict[str, Any] = {"gguf": str(gguf.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    key["convert"] = CONVERT_VERSION
+    key["versions"] = {p: _version(p) for p in ("transformers", "gguf", "torch")}
+    return key
+
+
+def _gguf_cache_path(gguf: Path) -> Path:
+    from surgery.keys import digest
+
+    return cache_dir() / "models" / f"{gguf.stem}-{digest(gguf_cache_key(gguf), 12)}"
+
+
+def cached_conversion(gguf: Path, target: Path) -> bool:
+    """Whether `target` holds this GGUF's conversion: its stored key must be this file's key (an
+    entry copied from another file or written by other library versions is refused)."""
+    from surgery.keys import mismatch
+
+    if not (target / "config.json").is_file():
+        return False
+    try:
+        stored = json.loads((target / SOURCE_FILE).read_text()).get("key")
+    except (OSError, ValueError, AttributeError):
+        stored = None
+    problem = mismatch(stored, gguf_cache_key(gguf))
+    if problem:
+        log.warning("refusing the converted cache %s: %s; converting %s again", target, problem, gguf.name)
+    return problem is None
 
 
 def gguf_rope_parameters(path: Path) -> dict[str, Any] | None:
@@ -172,9 +204,11 @@ def convert_gguf(source: Source) -> Path:
     interrupted run never leaves a half-written cache entry."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from surgery.io import _exchange
+
     gguf = Path(source.location)
     target = _gguf_cache_path(gguf)
-    if (target / "config.json").is_file():
+    if cached_conversion(gguf, target):
         return target
     check_gguf(gguf)
     log.info("converting %s to a safetensors cache at %s (once; ~30 s)", gguf.name, target)
@@ -195,13 +229,14 @@ def convert_gguf(source: Source) -> Path:
         model.config._name_or_path = source.base_model
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / SOURCE_FILE).write_text(
-            json.dumps({"base_model": source.base_model, "gguf": str(gguf.resolve())}, indent=2)
-        )
+        record = {"base_model": source.base_model, "gguf": str(gguf.resolve()), "key": gguf_cache_key(gguf)}
+        (tmp / SOURCE_FILE).write_text(json.dumps(record, indent=2))
         try:
             tmp.rename(target)
-        except OSError:  # another process finished first
-            if not (target / "config.json").is_file():
+        except OSError:  # another process finished first, or a refused entry is in the way
+            if cached_conversion(gguf, target):
+                return target
+            if not _exchange(tmp, target):  # the refused entry comes to tmp and is removed below
                 raise
     except Exception as err:
         if isinstance(err, SurgeryError):
@@ -346,7 +381,7 @@ def load_config(ref: str) -> Any:
             return AutoConfig.from_pretrained(source.location, local_files_only=True, **safe)
         if source.kind == "gguf":
             cached = _gguf_cache_path(Path(source.location))
-            if (cached / "config.json").is_file():
+            if cached_conversion(Path(source.location), cached):
                 return AutoConfig.from_pretrained(cached, local_files_only=True, **safe)
             gguf = Path(source.location)
             return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True, **safe)

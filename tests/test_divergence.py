@@ -147,12 +147,15 @@ def test_kl_curve_covers_the_window(tok, reference):
 def test_cached_statistics_are_checked_before_use(tok, reference, tmp_path):
     """A cache file that parses but does not fit (NaN, wrong dtype, ids out of range or repeated,
     probabilities over 1, wrong shape, a missing tensor) is recomputed, never used."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     other = tiny_model("llama", seed=7, max_position_embeddings=512)
     first = run(other, tok, reference, top_k=16).metrics
     (path,) = (tmp_path / "cache" / "reference").glob("*.safetensors")
     good = load_file(path)
+    with safe_open(path, framework="pt") as f:
+        metadata = f.metadata()  # the entry's own key: these files are refused for their content
     spoiled = [
         {**good, "topk_logp": torch.full_like(good["topk_logp"], float("nan"))},
         {**good, "target_logp": good["target_logp"].long()},
@@ -164,7 +167,7 @@ def test_cached_statistics_are_checked_before_use(tok, reference, tmp_path):
         {k: v for k, v in good.items() if k != "target_logp"},
     ]
     for stats in spoiled:
-        save_file(stats, str(path))
+        save_file(stats, str(path), metadata=metadata)
         assert run(other, tok, reference, top_k=16).metrics == first
 
 

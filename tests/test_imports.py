@@ -79,6 +79,7 @@ def test_no_import_cycles_even_inside_functions():
 LAYERS = [
     "surgery.lazy",
     "surgery.errors",
+    "surgery.keys",
     "surgery.arch",
     "surgery.patch",
     "surgery.io",

@@ -34,12 +34,13 @@ import numpy as np
 from pydantic import Field
 
 from surgery.data import TextSource, text_label
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, reason
 from surgery.evaluate.base import Eval, register
 from surgery.evaluate.cache import make_cache
 from surgery.evaluate.perplexity import LOGIT_SLICE, text_windows
 from surgery.evaluate.stats import block_mean, block_quantile
 from surgery.io import progress
+from surgery.keys import canonical
 from surgery.lazy import torch
 
 log = logging.getLogger(__name__)
@@ -190,21 +191,55 @@ def model_identity(reference: str) -> dict[str, Any]:
     return {"kind": source.kind, "location": source.location if source.kind == "hub" else None, "files": files}
 
 
-def stats_path(reference: str, windows: torch.Tensor, top_k: int, dtype: Any) -> Path:
-    """Where a reference's statistics for these token windows live: keyed by the reference's
-    files, the exact token ids, and the settings that shape the statistics."""
-    from surgery.models import cache_dir
+def stats_key(reference: str, windows: torch.Tensor, top_k: int, dtype: Any, text: str = "") -> dict[str, Any]:
+    """Everything a reference's statistics for these token windows depend on: the reference's
+    files, the text they came from, the exact token ids, the settings that shape the statistics,
+    and the code that computed them. Stored inside the entry and compared on every read."""
+    from surgery.keys import versions
 
-    key = {
+    return {
         "version": CACHE_VERSION,
         "reference": model_identity(reference),
+        "text": text,
         "windows": hashlib.sha256(windows.numpy().tobytes()).hexdigest(),
         "shape": list(windows.shape),
         "top_k": top_k,
         "dtype": str(dtype),
+        "versions": versions(),
     }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_dir() / "reference" / f"{digest}.safetensors"
+
+
+def stats_path(key: dict[str, Any]) -> Path:
+    """Where the reference statistics with this key live."""
+    from surgery.keys import digest
+    from surgery.models import cache_dir
+
+    return cache_dir() / "reference" / f"{digest(key)}.safetensors"
+
+
+def cached_stats(path: Path, key: dict[str, Any], windows: torch.Tensor, top_k: int, vocab: int) -> Any:
+    """The statistics stored at `path` if they are this key's and fit these windows, else None
+    (a warning says why an entry there was refused)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from surgery.keys import mismatch
+
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(path, framework="pt") as f:
+            stored = json.loads((f.metadata() or {}).get("key", "null"))
+        problem = mismatch(stored, key)
+        stats = load_file(path) if problem is None else None
+        problem = problem or stats_problem(stats, windows, top_k, vocab)
+    except Exception as err:  # a torn or foreign file: recompute it
+        problem = reason(err, 200)
+    if problem is None:
+        log.info("reference statistics reused from the cache: %s", path)
+        return stats
+    log.warning("refusing the cached reference statistics %s: %s; recomputing them", path, problem)
+    return None
 
 
 def reference_topk(
@@ -221,20 +256,14 @@ def reference_topk(
     top-k ids and log-probs and the real next token's log-prob. Read from the cache when a file
     there fits these windows, else computed (from `loaded`, or by loading `reference` once) and
     cached; the divergence eval and the distillation loss of a heal both read it."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     dtype = dtype if loaded is None else next(loaded.parameters()).dtype
-    path = stats_path(reference, windows, top_k, dtype)
-    if path.is_file():
-        try:
-            stats = load_file(path)
-            problem = stats_problem(stats, windows, top_k, vocab)
-        except Exception as err:  # a torn or foreign file: recompute it
-            problem = str(err)
-        if problem is None:
-            log.info("reference statistics from %s", path)
-            return stats
-        log.warning("recomputing the reference cache %s (%s)", path, problem)
+    key = stats_key(reference, windows, top_k, dtype, note)
+    path = stats_path(key)
+    stats = cached_stats(path, key, windows, top_k, vocab)
+    if stats is not None:
+        return stats
     if loaded is not None:
         model = loaded
     else:
@@ -268,7 +297,7 @@ def reference_topk(
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(stats, str(tmp), metadata={"reference": reference, "text": note})
+        save_file(stats, str(tmp), metadata={"key": canonical(key)})
         os.replace(tmp, path)
     except OSError as err:  # an unwritable cache costs the next run a recompute, nothing else
         log.warning("could not cache the reference statistics in %s (%s)", path.parent, err)
@@ -326,12 +355,20 @@ class Divergence(Eval):
             raise SurgeryError("divergence needs reference=MODEL (the model to compare with)")
         return self.reference
 
-    def prepare_reference(self, reference: torch.nn.Module, tokenizer: Any) -> None:
+    def prepare_reference(self, reference: torch.nn.Module, tokenizer: Any) -> bool:
         """Compute and cache the reference statistics from an already loaded reference model
-        (`surgery check` loads the original once for all its evals)."""
-        if self.top_k:
-            vocab = reference.get_output_embeddings().weight.shape[0]
-            self.reference_stats(self.windows(tokenizer), None, vocab, loaded=reference)
+        (`surgery check` loads the original once for all its evals). True when the cache already
+        held them (under their full key)."""
+        if not self.top_k:
+            return False
+        vocab = reference.get_output_embeddings().weight.shape[0]
+        windows = self.windows(tokenizer)
+        dtype = next(reference.parameters()).dtype
+        key = stats_key(self.need_reference(), windows, self.top_k, dtype, self.text)
+        if cached_stats(stats_path(key), key, windows, self.top_k, vocab) is not None:
+            return True
+        self.reference_stats(windows, None, vocab, loaded=reference)
+        return False
 
     def reference_stats(
         self, windows: torch.Tensor, dtype: torch.dtype | None, vocab: int, loaded: torch.nn.Module | None = None
