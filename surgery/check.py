@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import fnmatch
 import gc
-import hashlib
 import json
 import logging
 import time
@@ -395,7 +394,9 @@ def run_check(
                 result = it.eval.run(model, tokenizer)
                 store(path, key, result)
             else:
-                say(f"original: {it.eval.name} reused from the cache ({path.name}, same model files, settings and code)")
+                say(
+                    f"original: {it.eval.name} reused from the cache ({path.name}, same model files, settings and code)"
+                )
             before.append(result)
     del model
     gc.collect()
