@@ -23,6 +23,7 @@ import fnmatch
 import gc
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from typing import Any
 
 from surgery.arch import text_config
 from surgery.data import NAMED
-from surgery.errors import SurgeryError
+from surgery.errors import SurgeryError, did_you_mean
 from surgery.evaluate.base import Eval, EvalResult, make_eval
 from surgery.evaluate.gates import Gate, GateOutcome, evaluate_gates, parse_gate, verdict
 from surgery.evaluate.report import Report, compare_rows, estimates_of, interval_problem, markdown_table
@@ -66,6 +67,7 @@ class Battery:
     gates: list[str]
     length: int
     notes: list[str] = field(default_factory=list)
+    scale: float = 1.0  # of the full sample counts, set to fit a budget
 
     def describe(self) -> list[str]:
         lines = [f"  {it.eval.name} {params_text(it.eval)}  ({it.why})" for it in self.items]
@@ -93,14 +95,21 @@ def plan(
     scale: float = 1.0,
     reference: str = "",
     trained: set[str] | frozenset[str] = frozenset(),
+    patched_context: int = 0,
 ) -> Battery:
     """The battery for a patched model with these patch records, against an original with this
     config. `scale` (0-1] shrinks sample counts to a time budget. `trained`: the text sources the
     model's recipe trained or calibrated on; when it covers both default domains, the next offline
-    domain joins them, so at least one domain is always one the model never saw."""
+    domain joins them, so at least one domain is always one the model never saw. A `length`
+    beyond both models' contexts (`patched_context`: the patched config's) is refused."""
     native = context_of(original_config)
-    new = max([native, *[_new_context(r) for r in records]])
+    new = max([native, patched_context, *[_new_context(r) for r in records]])
     asked = length or 4096
+    if native and asked > new:
+        raise SurgeryError(
+            f"--length {asked} is beyond what either model supports (original {native} positions, patched "
+            f"{max(new, native)}); check at --length {new} or less"
+        )
     checked = min(native, asked) if native else asked  # the original is compared within its context
     longest = min(new, asked) if native else asked  # a RoPE patch is also judged past it, when asked
     names = [r["name"] for r in records]
@@ -120,6 +129,10 @@ def plan(
                 f"the recipe trained or calibrated on every offline domain ({', '.join(NAMED)}): "
                 "add an eval on a text it never saw"
             )
+    if length and checked < asked:
+        notes.append(
+            f"the original is compared within its {native} positions; the patched model alone is judged at {longest}"
+        )
     for domain in domains:
         e = make_eval("divergence", reference=reference or None, length=checked, samples=windows, text=domain)
         items.append(Item(e, f"divergence from the original on {domain}", original=False))
@@ -180,6 +193,10 @@ def preflight(battery: Battery, gates: list[Gate]) -> None:
                 f"gate {g.text!r}: this check runs no {head} eval (it runs {', '.join(evals)}); "
                 "gate one of their metrics, e.g. divergence.pydoc.kl@LENGTH"
             )
+        stem = g.metric.partition("@")[0].split(".")[-1]
+        stems = sorted({x for it in battery.items if it.eval.name == head for x in it.eval.metric_stems() or ["*"]})
+        if "*" not in stems and not any(fnmatch.fnmatchcase(x, stem) for x in stems):
+            raise SurgeryError(f"gate {g.text!r}: {head} has no metric {stem!r}{did_you_mean(stem, stems)}")
         if head == "divergence":
             domain = (g.metric.split(".") + [""])[1].partition("@")[0]
             if not any(fnmatch.fnmatchcase(d, domain) for d in domains):
@@ -191,6 +208,19 @@ def preflight(battery: Battery, gates: list[Gate]) -> None:
         if at.isascii() and at.isdigit() and int(at) not in lengths:
             shown = ", ".join(map(str, sorted(lengths)))
             raise SurgeryError(f"gate {g.text!r}: this check measures at {shown} tokens, not {at}; use one of those")
+
+
+def same_model(original: str, patched: str) -> None:
+    """Refuse a check of a model against itself (it passes by construction and proves nothing)."""
+    from surgery.models import resolve
+
+    a, b = resolve(original), resolve(patched)
+    if a.kind == b.kind and (
+        a.location == b.location if a.kind == "hub" else Path(a.location).resolve() == Path(b.location).resolve()
+    ):
+        raise SurgeryError(
+            f"{original} and {patched} are the same checkpoint; check a patched model against its original"
+        )
 
 
 def _new_context(record: dict[str, Any]) -> int:
@@ -327,20 +357,53 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, length: int) -> float:
         return time.perf_counter() - start
 
 
-def cost(battery: Battery) -> float:
-    """The battery's cost in forwards of `battery.length` tokens (patched side, plus the original's
-    tasks; reference statistics cost one forward per window)."""
+def cost(battery: Battery, cached: frozenset[int] = frozenset()) -> float:
+    """The battery's cost in forwards of `battery.length` tokens: the patched side, plus the
+    original's side of the items not in `cached` (indexes whose reference statistics or results
+    the cache holds); reference statistics cost one forward per window."""
     total = 0.0
-    for it in battery.items:
+    for i, it in enumerate(battery.items):
         p = it.eval.model_dump()
+        sides = 1 if i in cached else 2
         if it.eval.name == "divergence":
-            total += 2 * p["samples"] * p["length"] / battery.length
+            total += sides * p["samples"] * p["length"] / battery.length
         elif it.eval.name == "ruler":
             prompts = len(p["tasks"]) * len(p["lengths"]) * len(p["depths"]) * p["trials"]
-            total += 2 * 1.5 * prompts * max(p["lengths"]) / battery.length  # prefill and answer
+            sides = 2 if it.original and i not in cached else 1
+            total += sides * 1.5 * prompts * max(p["lengths"]) / battery.length  # prefill and answer
         elif it.eval.name == "perplexity":
             total += p["samples"] * (max(p["lengths"]) / battery.length) ** 1.5
     return total
+
+
+def fit_to_texts(battery: Battery, tokenizer: Any) -> None:
+    """Give each text eval of the battery at most the windows its text holds (saying so), and
+    refuse, naming the length that would fit, one whose text cannot hold what it needs: before
+    anything is measured, not after."""
+    from surgery.data import load_text, token_stream
+
+    sizes: dict[tuple[str, str], int] = {}
+    bos = 1 if tokenizer.bos_token_id is not None else 0
+    for i, it in enumerate(battery.items):
+        e = it.eval
+        if e.name not in ("divergence", "perplexity"):
+            continue
+        if (e.text, e.split) not in sizes:
+            sizes[(e.text, e.split)] = len(token_stream(tokenizer, load_text(e.text, e.split)))
+        tokens = sizes[(e.text, e.split)]
+        length = e.length if e.name == "divergence" else max(e.lengths)
+        body = length - (bos if e.bos else 0)
+        fits, least = tokens // body, 2 if e.name == "divergence" else 1  # 2 windows: an interval
+        if fits >= e.samples:
+            continue
+        if fits < least:
+            most = tokens // least + (bos if e.bos else 0)
+            raise SurgeryError(
+                f"the {e.text} text ({e.split}) has {tokens} tokens, fewer than {least} x {body} for {e.name} at "
+                f"{length} tokens; check with --length {most} or less"
+            )
+        battery.items[i] = Item(e.model_copy(update={"samples": fits}), it.why, it.original)
+        battery.notes.append(f"{e.text} ({e.split}) holds {fits} windows of {length} tokens: {fits} of {e.samples}")
 
 
 def run_check(
@@ -354,63 +417,120 @@ def run_check(
     trained: set[str] | frozenset[str] = frozenset(),
     notes: list[str] | None = None,
     dtype: str = "float32",
+    patched_context: int = 0,
+    patched_tokenizer: Any = None,
+    dry_run: bool = False,
     say: Callable[[str], None] = print,
-) -> CheckOutcome:
-    """Check a patched model (with these patch `records`) against the original. The original is
-    loaded first and released before `load_patched` is called, so the two never share memory
-    unless the caller already holds the patched model."""
-    from surgery.models import load_config, load_model
+) -> CheckOutcome | None:
+    """Check a patched model (with these patch `records`) against the original. Everything that
+    can be refused is refused before the original's weights load: gates, lengths, texts too short,
+    a tokenizer other than the original's (`patched_tokenizer`), a budget that cannot hold the
+    smallest battery. The original is loaded first and released before `load_patched` is called,
+    so the two never share memory unless the caller already holds the patched model. `dry_run`
+    stops after planning and timing, with the battery and its estimated minutes said (None)."""
+    from surgery.models import load_config, load_model, load_tokenizer
 
     start = time.perf_counter()
     extra = [parse_gate(g) for g in extra_gates or []]  # bad gates fail before anything loads
-    battery = plan(load_config(original), records, length, 1.0, reference=original, trained=trained)
+    config = load_config(original)
+    battery = plan(config, records, length, 1.0, original, trained, patched_context)
     preflight(battery, extra)  # before minutes of loading and measuring
-    say(f"loading the original {original}")
-    model, tokenizer = load_model(original, dtype=dtype)
-    if tokenizer is None:
-        raise SurgeryError(f"{original} has no tokenizer, which the check needs; save one with the model")
-    scale = 1.0
-    if budget:
-        per_forward = calibrate(model, tokenizer, battery.length)
-        scale = min(1.0, budget * 60 / max(1e-9, per_forward * cost(battery)))
-        battery = plan(model.config, records, length, scale, reference=original, trained=trained)
-        say(
-            f"budget {budget:g} min: one {battery.length}-token forward takes {per_forward:.1f} s; samples x{scale:.2f}"
-        )
-    battery.notes.extend(notes or [])
-    say(f"check of {len(records)} patch record(s): {', '.join(r.get('name', '?') for r in records) or 'none'}")
-    for line in battery.describe() + [f"  note: {n}" for n in battery.notes]:
-        say(line)
-    before: list[EvalResult] = []
-    for it in battery.items:
-        if it.eval.name == "divergence" and it.eval.prepare_reference(model, tokenizer):  # cached by its full key
-            say(f"original: reference statistics on {it.eval.domain} reused from the cache (same files, text and code)")
-        if it.original:
-            key = original_key(original, it.eval, dtype)
-            path = original_cache(key)
-            result = cached_result(path, key)
-            if result is None:
-                say(f"original: {it.eval.name} ...")
-                result = it.eval.run(model, tokenizer)
-                store(path, key, result)
-            else:
-                say(
-                    f"original: {it.eval.name} reused from the cache ({path.name}, same model files, settings and code)"
-                )
-            before.append(result)
-    del model
-    gc.collect()
-    patched_model, patched_tokenizer = load_patched()
+    tokenizer = load_tokenizer(original)
     if patched_tokenizer is not None and patched_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise SurgeryError(
             "the original and the patched model have different tokenizers; check compares like with like"
         )
+    fit_to_texts(battery, tokenizer)
+    say(f"loading the original {original}")
+    model, _ = load_model(original, dtype=dtype)
+    if budget or dry_run:  # the cost in forwards of the checked length, without what the cache holds
+        per_forward = calibrate(model, tokenizer, battery.length)
+        forwards = cost(battery, cached_items(battery, original, tokenizer, dtype))
+        if budget:
+            scale = min(1.0, budget * 60 / max(1e-9, per_forward * forwards))
+            battery = plan(config, records, length, scale, original, trained, patched_context)
+            battery.scale = scale
+            fit_to_texts(battery, tokenizer)
+            forwards = cost(battery, cached_items(battery, original, tokenizer, dtype))
+        say(budget_line(battery, budget, per_forward, per_forward * forwards / 60))
+    battery.notes.extend(notes or [])
+    say(f"check of {len(records)} patch record(s): {', '.join(r.get('name', '?') for r in records) or 'none'}")
+    for line in battery.describe() + [f"  note: {n}" for n in battery.notes]:
+        say(line)
+    if dry_run:
+        return None
+    before = original_side(battery, original, model, tokenizer, dtype, say)
+    del model
+    gc.collect()
+    patched_model, _ = load_patched()
     after = []
     for it in battery.items:
         say(f"patched: {it.eval.name} {params_text(it.eval)} ...")
         result = it.eval.run(patched_model, tokenizer)
         say("    " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if not k.endswith("_gap")))
         after.append(result)
+    return judge(battery, extra, before, after, time.perf_counter() - start)
+
+
+def cached_items(battery: Battery, original: str, tokenizer: Any, dtype: str) -> frozenset[int]:
+    """Indexes of the items whose original side the cache already holds (under their full key)."""
+    from surgery.evaluate.divergence import cached_stats, stats_key, stats_path
+    from surgery.models import parse_dtype
+
+    out = set()
+    for i, it in enumerate(battery.items):
+        e = it.eval
+        if e.name == "divergence" and e.top_k:
+            windows = e.windows(tokenizer)
+            key = stats_key(original, windows, e.top_k, parse_dtype(dtype), e.text)
+            if cached_stats(stats_path(key), key, windows, e.top_k, len(tokenizer)) is not None:
+                out.add(i)
+        elif it.original and original_cache(original_key(original, e, dtype)).is_file():
+            out.add(i)
+    return frozenset(out)
+
+
+def budget_line(battery: Battery, budget: float | None, per_forward: float, minutes: float) -> str:
+    """What the battery will cost, said before it runs; refused when it would take over 1.2 x the
+    budget (the smallest battery at this length does not fit)."""
+    timing = f"one {battery.length}-token forward takes {per_forward:.1f} s"
+    if not budget:
+        return f"estimated {minutes:.1f} min ({timing})"
+    if minutes > 1.2 * budget:
+        raise SurgeryError(
+            f"--budget {budget:g} min cannot hold the smallest battery at {battery.length} tokens (about "
+            f"{minutes:.1f} min: {timing}); raise --budget to {math.ceil(minutes)} or lower --length"
+        )
+    return f"budget {budget:g} min: {timing}; samples x{battery.scale:.2f}, about {minutes:.1f} min"
+
+
+def original_side(
+    battery: Battery, original: str, model: torch.nn.Module, tokenizer: Any, dtype: str, say: Callable[[str], None]
+) -> list[EvalResult]:
+    """The original's reference statistics and results, each from the cache when it holds them."""
+    before: list[EvalResult] = []
+    for it in battery.items:
+        if it.eval.name == "divergence" and it.eval.prepare_reference(model, tokenizer):  # cached by its full key
+            say(f"original: reference statistics on {it.eval.domain} reused from the cache (same files, text and code)")
+        if not it.original:
+            continue
+        key = original_key(original, it.eval, dtype)
+        path = original_cache(key)
+        result = cached_result(path, key)
+        if result is None:
+            say(f"original: {it.eval.name} ...")
+            result = it.eval.run(model, tokenizer)
+            store(path, key, result)
+        else:
+            say(f"original: {it.eval.name} reused from the cache ({path.name}, same model files, settings and code)")
+        before.append(result)
+    return before
+
+
+def judge(
+    battery: Battery, extra: list[Gate], before: list[EvalResult], after: list[EvalResult], seconds: float
+) -> CheckOutcome:
+    """The default gates (those past the original context set from its results) and the user's."""
     b = {k: v for r in before for k, v in r.metrics.items()}
     a = {k: v for r in after for k, v in r.metrics.items()}
     for it in battery.items:  # past the original context: limits from the original within it
@@ -423,7 +543,7 @@ def run_check(
     named = {g.metric for g in extra}  # a gate on a default gate's metric replaces it
     gates = [g for g in map(parse_gate, battery.gates) if g.metric not in named] + extra
     outcomes = evaluate_gates(gates, b, a, (estimates_of(before), estimates_of(after)))
-    return CheckOutcome(verdict(outcomes), battery, before, after, outcomes, time.perf_counter() - start)
+    return CheckOutcome(verdict(outcomes), battery, before, after, outcomes, seconds)
 
 
 def write_check(outcome: CheckOutcome, original: str, patched: str, directory: Path) -> None:

@@ -221,6 +221,9 @@ def compare_cmd(before: str, after: str, gates: tuple[str, ...], out: str | None
     "--gate", "gates", multiple=True, help="Extra gate, e.g. 'divergence.docs.kl@4096:max=0.05,confidence=0.95'."
 )
 @click.option("--dtype", default="float32", show_default=True, help="Load dtype of both models.")
+@click.option(
+    "--dry-run", is_flag=True, help="Plan the battery, time one forward and say what it would cost; measure nothing."
+)
 def check_cmd(
     original: str,
     patched: str,
@@ -230,14 +233,15 @@ def check_cmd(
     length: int | None,
     gates: tuple[str, ...],
     dtype: str,
+    dry_run: bool,
 ) -> None:
     """Check PATCHED against ORIGINAL with the battery its patch records call for: divergence on
     two text domains, long-context tasks where a patch touches them, gates at 95% confidence.
     Exit 0 pass, 1 a regression, 3 inconclusive (more samples needed), 2 bad input."""
-    from surgery.check import patch_records, run_check, write_check
+    from surgery.check import context_of, patch_records, run_check, same_model, write_check
     from surgery.evaluate.gates import EXIT_CODES, parse_gate
     from surgery.io import atomic_dir, reserve
-    from surgery.models import parse_dtype, resolve
+    from surgery.models import load_tokenizer, parse_dtype, resolve
     from surgery.recipes.schema import recipe_trained
 
     for g in gates:
@@ -245,8 +249,10 @@ def check_cmd(
     if budget is not None and budget != budget:
         raise SurgeryError("--budget must be a number of minutes, e.g. --budget 10")
     parse_dtype(dtype)
+    same_model(original, patched)
     sources = resolve(original).paths() + resolve(patched).paths()
-    records = patch_records(surgery.load_config(patched))
+    patched_config = surgery.load_config(patched)
+    records = patch_records(patched_config)
     trained, unread = recipe_trained(patched)
     target = output_path(out, Path.cwd() / f"{resolve(patched).name}-check")
     with reserve(target, force, sources):
@@ -260,8 +266,14 @@ def check_cmd(
             trained=trained,
             notes=[unread] if unread else [],
             dtype=dtype,
+            patched_context=context_of(patched_config),
+            patched_tokenizer=load_tokenizer(patched),
+            dry_run=dry_run,
             say=click.echo,
         )
+        if outcome is None:
+            click.echo("dry run: nothing measured, nothing written")
+            return
         click.echo(outcome.table, nl=False)
         with atomic_dir(target, force, sources) as tmp:
             write_check(outcome, original, patched, tmp)

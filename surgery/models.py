@@ -323,13 +323,38 @@ def checked_skeleton(path: Path) -> tuple[Any, dict[Path, dict[str, Any]], Any]:
     return model, headers, dtype
 
 
+def _tokenizer(ref: str, path: Path | None, where: str) -> Any:
+    """The tokenizer at `where` (a checkpoint directory `path`, or a hub id), None when it has none."""
+    from transformers import AutoTokenizer
+
+    if path is not None and not any((path / f).is_file() for f in TOKENIZER_FILES):
+        log.debug("%s has no tokenizer files; continuing without a tokenizer", where)  # evals say so if they need one
+        return None  # transformers builds a 1-token tokenizer from nothing for some model types: never do that
+    try:
+        return AutoTokenizer.from_pretrained(where, local_files_only=path is not None, trust_remote_code=False)
+    except (OSError, ValueError, TypeError) as err:
+        log.debug("no tokenizer for %s (%s); continuing without one", ref, reason(err))
+        return None
+
+
+def load_tokenizer(ref: str) -> Any:
+    """The tokenizer of `ref` alone, without its weights (a GGUF is converted first, once); a
+    model without one is refused, since everything that needs a tokenizer compares token ids."""
+    source = resolve(ref)
+    path = local_dir(source)
+    tokenizer = _tokenizer(ref, path, str(path) if path is not None else source.location)
+    if tokenizer is None:
+        raise SurgeryError(f"{ref} has no tokenizer, which this needs; save one with the model")
+    return tokenizer
+
+
 def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None = None) -> tuple[Any, Any]:
     """Load `(model, tokenizer)` from a hub id, a local directory, a .gguf file or `smollm2`.
 
     Local references never touch the network. Runtime patches recorded in the config's surgery
     history are re-applied, so the model behaves as it did when it was saved. The tokenizer is
     None when the checkpoint has none."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     source = resolve(ref)
     path = local_dir(source)
@@ -352,15 +377,7 @@ def load_model(ref: str, dtype: str | torch.dtype = "auto", device: str | None =
         if local:
             raise ModelNotFound(f"could not load {where}: {reason(err)}") from None
         raise _hub_error(ref, err) from None
-    tokenizer = None
-    if path is None or any((path / f).is_file() for f in TOKENIZER_FILES):
-        # transformers builds a 1-token tokenizer from nothing for some model types: never do that
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=local, trust_remote_code=False)
-        except (OSError, ValueError, TypeError) as err:
-            log.debug("no tokenizer for %s (%s); continuing without one", ref, reason(err))
-    else:
-        log.debug("%s has no tokenizer files; continuing without a tokenizer", where)  # evals say so if they need one
+    tokenizer = _tokenizer(ref, path, where)
     model.eval()
     for record in history(model.config):
         patch = make_patch(record["name"], **record["params"])

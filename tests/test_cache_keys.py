@@ -109,16 +109,18 @@ def test_a_check_result_is_reused_only_under_its_own_key(models, caplog):
     assert cached_result(original_cache(key), key) is None
 
 
-def test_the_check_says_when_it_reuses_the_originals_results(models, tmp_path):
+def test_the_check_says_when_it_reuses_the_originals_results(models, tmp_path, monkeypatch):
     from click.testing import CliRunner
 
     from surgery.cli import main
 
     original, _ = models
-    first = CliRunner().invoke(main, ["check", str(original), str(original), "--length", "128"])
-    assert "reused from the cache" not in first.output
-    shutil.copytree(original, tmp_path / "copy")  # a second candidate against the same original
-    second = CliRunner().invoke(main, ["check", str(original), str(tmp_path / "copy"), "--length", "128"])
+    monkeypatch.chdir(tmp_path)  # the reports go to ./NAME-check
+    for name in ("copy", "copy2"):
+        shutil.copytree(original, tmp_path / name)  # two candidates against the same original
+    first = CliRunner().invoke(main, ["check", str(original), str(tmp_path / "copy"), "--length", "128"])
+    assert first.exit_code == 0 and "reused from the cache" not in first.output, first.output
+    second = CliRunner().invoke(main, ["check", str(original), str(tmp_path / "copy2"), "--length", "128"])
     assert second.exit_code == 0, second.output
     assert "original: reference statistics on pydoc reused from the cache" in second.output
     assert "original: reference statistics on docs reused from the cache" in second.output

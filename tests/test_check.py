@@ -5,6 +5,7 @@ fails."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,10 @@ def test_battery_follows_the_patch_records(records, evals):
     if records and records[0]["name"] == "yarn":  # 16k is not checked by default: said so
         assert "--length 16384" in " ".join(battery.notes)
         far = plan(tiny_config("llama", max_position_embeddings=8192), records, length=16384)
-        assert far.length == 8192 and not far.notes  # divergence within the original context ...
+        assert far.length == 8192  # divergence within the original context, and said so ...
+        assert far.notes == [
+            "the original is compared within its 8192 positions; the patched model alone is judged at 16384"
+        ]
         past = [(it.eval.name, it.original) for it in far.items if not it.original]
         assert ("ruler", False) in past and ("perplexity", False) in past  # ... tasks and bands past it
 
@@ -175,8 +179,9 @@ def _kl(report: Path) -> float:
         (["--gate", "divergence.kl@256:max=0.1"], "not kl"),
     ],
 )
-def test_bad_arguments_are_one_line(original, args, message):
-    result = check(str(original), str(original), *LENGTH, *args)
+def test_bad_arguments_are_one_line(original, args, message, tmp_path):
+    shutil.copytree(original, tmp_path / "twin")  # the same model twice is refused on its own
+    result = check(str(original), str(tmp_path / "twin"), *LENGTH, *args)
     assert result.exit_code == 2 and message in result.output
     assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
 

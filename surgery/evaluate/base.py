@@ -60,6 +60,11 @@ class Eval(BaseModel):
                 return better
         return True
 
+    def metric_stems(self) -> list[str] | None:
+        """The names this eval's metrics take between the eval (and domain) and `@` (`kl`, `avg`),
+        so a gate can be checked before anything runs; None when they are open-ended."""
+        return None
+
     def for_recipe(self, model: str) -> Eval:
         """This eval inside a recipe whose starting model is `model` (divergence takes it as its
         reference when none is given)."""

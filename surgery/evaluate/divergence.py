@@ -342,6 +342,10 @@ class Divergence(Eval):
         never collide."""
         return text_label(self.text) + (f"-chunk{self.chunk}" if self.chunk else "")
 
+    def metric_stems(self) -> list[str]:
+        stems = ["kl", "kl_median", "kl_p99", "kl_max", "top1", "ppl_ratio", "ppl", "ref_ppl"]
+        return stems + (["kl_hi", "kl_gap"] if self.top_k else [])
+
     def for_recipe(self, model: str) -> Divergence:
         return self if self.reference else self.model_copy(update={"reference": model})
 

@@ -110,6 +110,9 @@ class Perplexity(Eval):
             raise ValueError("split must be train or heldout")
         return v
 
+    def metric_stems(self) -> list[str]:
+        return ["ppl", "band_ppl"] if self.band else ["ppl"]
+
     def windows(self, tokenizer: Any) -> torch.Tensor:
         """(samples, max_len) token ids; the same for every model sharing the tokenizer."""
         return text_windows(tokenizer, self.text, self.split, max(self.lengths), self.samples, self.bos, self.name)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from surgery.data import TextSource, load_text, token_stream
 from surgery.errors import SurgeryError, did_you_mean
@@ -230,6 +230,9 @@ class Ruler(Eval):
     )
     bos: bool = Field(True, description="prepend the tokenizer's BOS token when it has one")
 
+    def metric_stems(self) -> list[str]:
+        return ["avg", *self.tasks]
+
     @field_validator("tasks", "lengths", "depths", mode="before")
     @classmethod
     def _listify(cls, v: Any) -> Any:
@@ -258,17 +261,6 @@ class Ruler(Eval):
     @classmethod
     def _depths(cls, v: list[float]) -> list[float]:
         return fractions(v)
-
-    @model_validator(mode="after")
-    def _enough_prompts(self) -> Ruler:
-        n = self.trials * len(self.depths)
-        if n < PROMPTS_PER_CELL:
-            log.warning(
-                "ruler: %d prompts per task and length (trials x depths); %d keep the 95%% interval within ±0.15",
-                n,
-                PROMPTS_PER_CELL,
-            )
-        return self
 
     def cells(self) -> list[tuple[str, int, float, int]]:
         """(task, length, depth, trial) of every prompt, in generation order."""
@@ -429,6 +421,12 @@ class Ruler(Eval):
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any) -> tuple[dict[str, float | Estimate], dict[str, Any]]:
         device = next(model.parameters()).device
+        if self.trials * len(self.depths) < PROMPTS_PER_CELL:  # said when it runs, not each time it is built
+            log.warning(
+                "ruler: %d prompts per task and length (trials x depths); %d keep the 95%% interval within ±0.15",
+                self.trials * len(self.depths),
+                PROMPTS_PER_CELL,
+            )
         hay = self.haystack_tokens(tokenizer)
         cells = self.cells()
         shortest = min(self.lengths)

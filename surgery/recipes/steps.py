@@ -123,21 +123,27 @@ class CheckStep(Step):
     def dry_run(self, skeleton: torch.nn.Module, source: str, before: list[Step]) -> str | None:
         """The battery the check will run on the model as the patches before it leave it: a missing
         original, or a gate the battery cannot answer, is found before any weights load."""
-        from surgery.check import patch_records, plan, preflight
+        from surgery.check import context_of, patch_records, plan, preflight
         from surgery.models import load_config
 
         p = self.payload
         try:
             original = load_config(p.original or source)
             records = patch_records(skeleton.config)
-            battery = plan(original, records, p.length, trained=set(trained_sources(before)))
+            battery = plan(
+                original,
+                records,
+                p.length,
+                trained=set(trained_sources(before)),
+                patched_context=context_of(skeleton.config),
+            )
             preflight(battery, [parse_gate(g) for g in p.gate])
         except SurgeryError as err:
             raise SurgeryError(f"steps.{self.index}.check: {err}") from None
         return f"steps.{self.index} check: " + ", ".join(it.eval.name for it in battery.items)
 
     def run(self, ctx: RunContext) -> bool:
-        from surgery.check import patch_records, run_check
+        from surgery.check import context_of, patch_records, run_check
 
         p, state = self.payload, ctx.state
         outcome = run_check(
@@ -149,8 +155,11 @@ class CheckStep(Step):
             extra_gates=p.gate,
             trained=set(trained_sources(ctx.recipe.compiled[: self.index])),
             dtype=ctx.recipe.dtype,
+            patched_context=context_of(ctx.model.config),
+            patched_tokenizer=ctx.tokenizer,
             say=lambda line: ctx.say(f"    {line}"),
         )
+        assert outcome is not None  # not a dry run
         for result in outcome.before:  # the original's side first: the table's "before"
             result.details.update(step=self.index, label="original")
         for result in outcome.after:
