@@ -34,6 +34,7 @@ from surgery.arch import text_config
 from surgery.data import NAMED
 from surgery.errors import SurgeryError, did_you_mean
 from surgery.evaluate.base import Eval, EvalResult, make_eval
+from surgery.evaluate.divergence import kl_bound_warnings
 from surgery.evaluate.gates import Gate, GateOutcome, evaluate_gates, parse_gate, verdict
 from surgery.evaluate.report import Report, compare_rows, estimates_of, interval_problem, markdown_table
 from surgery.lazy import torch
@@ -468,6 +469,8 @@ def run_check(
         say(f"patched: {it.eval.name} {params_text(it.eval)} ...")
         result = it.eval.run(patched_model, tokenizer)
         say("    " + ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if not k.endswith("_gap")))
+        for metric, text in kl_bound_warnings([result]).items():
+            say(f"    WARNING: {metric} = {result.metrics[metric]:.4g} is {text}")
         after.append(result)
     return judge(battery, extra, before, after, time.perf_counter() - start)
 
@@ -569,6 +572,7 @@ def write_check(outcome: CheckOutcome, original: str, patched: str, directory: P
     lines = [f"# Check: {patched} against {original}", "", f"**{outcome.verdict_line()}**", ""]
     lines += ["Battery:", "", "```", *outcome.battery.describe(), "```", ""]
     lines += [f"Note: {n}" for n in outcome.battery.notes]
+    lines += [f"**Warning:** `{m}` is {text}." for m, text in kl_bound_warnings(outcome.after).items()]
     lines += ["", outcome.table]
     labels = {f"original: {Path(original).name}": Report(model=original, results=outcome.before)}
     labels[f"patched: {Path(patched).name}"] = Report(model=patched, results=outcome.after)

@@ -132,6 +132,7 @@ def inspect_cmd(model: str, context: str, batch: int, kv_dtype: str | None, as_j
 def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, dtype: str) -> None:
     """Evaluate MODEL; write results.json, report.md and plots to --out."""
     from surgery.evaluate import make_eval
+    from surgery.evaluate.divergence import kl_bound_warnings
     from surgery.evaluate.report import Report, parse_spec, write_report
     from surgery.io import atomic_dir, reserve
     from surgery.models import TOKENIZER_FILES, parse_dtype, resolve
@@ -150,8 +151,9 @@ def eval_cmd(model: str, specs: tuple[str, ...], out: str | None, force: bool, d
         for e in evals:
             click.echo(f"{e.name} ...")
             result = e.run(loaded, tokenizer)
+            bounds = kl_bound_warnings([result])
             for k, v in result.metrics.items():
-                click.echo(f"  {k} = {v:.4g}")
+                click.echo(f"  {k} = {v:.4g}" + (f"  WARNING: {bounds[k]}" if k in bounds else ""))
             click.echo(f"  ({result.seconds:.1f} s)")
             results.append(result)
         with atomic_dir(target, force, sources) as tmp:

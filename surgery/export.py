@@ -149,14 +149,24 @@ def export_gguf(
     return Exported(out, type, out.stat().st_size, count, time.perf_counter() - start, lost)
 
 
+WRITTEN_BY = "surgery.patches"  # every GGUF surgery writes holds this key; --force replaces only those
+
+
 def check_file_target(out: Path, force: bool, sources: list[Path]) -> None:
-    """An output file may replace only a GGUF file, and only with `force`; never a directory, a
-    link or a special file, never the source, and never inside the checkpoint it is exported from."""
+    """An output file may replace only a GGUF file that surgery wrote (it holds `surgery.patches`),
+    and only with `force`; never a directory, a link or a special file, never the source or a
+    file inside the checkpoint it is exported from, and never a model file any reference resolves
+    to (the embedded models' files, the converted cache)."""
     try:
         target = out.resolve()
         for source in sources:
             if target == source.resolve() or target.is_relative_to(source.resolve()):
                 raise SurgeryError(f"{out} is the source or inside the checkpoint it exports; write it elsewhere")
+        for model in protected_paths():
+            if target == model.resolve() or target.is_relative_to(model.resolve()):
+                raise SurgeryError(
+                    f"{out} is inside {model}, which holds an embedded model or the converted cache; write it elsewhere"
+                )
         if out.is_dir():
             raise SurgeryError(f"{out} is a directory; name the output FILE.gguf")
         if out.exists() or out.is_symlink():
@@ -164,8 +174,38 @@ def check_file_target(out: Path, force: bool, sources: list[Path]) -> None:
                 raise SurgeryError(f"{out} already exists; pass --force to replace it")
             if out.is_symlink() or not out.is_file() or not is_gguf(out):
                 raise SurgeryError(f"{out} is not a GGUF file; --force replaces only a GGUF file: remove it yourself")
+            if not written_by_surgery(out):
+                raise SurgeryError(
+                    f"{out} is a GGUF file surgery did not write; --force replaces only surgery's own exports: "
+                    "remove it yourself or choose another output"
+                )
     except OSError as err:  # a name too long, a loop of links, ...
         raise SurgeryError(f"cannot use {out} as an output: {err.strerror}; choose another output") from None
+
+
+def protected_paths() -> list[Path]:
+    """Files and folders no export may write into: each installed embedded model's file and its
+    package, and the cache of converted models."""
+    import importlib.util
+
+    from surgery.models import BUILTIN, cache_dir
+
+    out = [cache_dir() / "models"]
+    for builtin in BUILTIN.values():
+        spec = importlib.util.find_spec(builtin.package)
+        if spec is not None and spec.submodule_search_locations:
+            out.append(Path(spec.submodule_search_locations[0]))
+    return out
+
+
+def written_by_surgery(path: Path) -> bool:
+    """Whether a GGUF file holds surgery's own metadata key (its header alone is read)."""
+    import gguf
+
+    try:
+        return WRITTEN_BY in gguf.GGUFReader(path).fields
+    except Exception:  # the reader raises ValueError, KeyError, struct and numpy errors for a damaged file
+        return False
 
 
 @dataclass
@@ -283,7 +323,7 @@ def write_metadata(writer: Any, config: Any, here: Path, type: str, base_model: 
         writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast") or 32.0))
         writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow") or 1.0))
     # llama3: no scaling type; the factors travel as the rope_freqs tensor, as llama.cpp writes it
-    writer.add_string("surgery.patches", json.dumps([r["name"] for r in history(config)]))
+    writer.add_string(WRITTEN_BY, json.dumps([r["name"] for r in history(config)]))
     writer.add_string("surgery.rope_parameters", json.dumps(rope))  # exact, for surgery's own loader
 
 

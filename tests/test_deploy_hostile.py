@@ -188,3 +188,49 @@ def test_a_config_transformers_rejects_is_one_line_on_both_routes(changes, messa
         one_line_error(run("apply", "yarn", "--factor", "2", bad, "-o", tmp_path / "o", *flags), message)
         assert not (tmp_path / "o").exists()
     assert torch.is_tensor(load_file(bad / "model.safetensors")["lm_head.weight"])  # the source untouched
+
+
+def foreign_gguf(path: Path) -> Path:
+    """A valid GGUF file that surgery did not write (no `surgery.patches` key)."""
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(path, "llama")
+    writer.add_name("someone else's model")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_force_replaces_only_a_gguf_surgery_wrote(tiny_gguf_src, tmp_path):
+    theirs = foreign_gguf(tmp_path / "theirs.gguf")
+    before = theirs.read_bytes()
+    one_line_error(run("export", "gguf", tiny_gguf_src, "-o", theirs, "--force"), "surgery did not write")
+    assert theirs.read_bytes() == before and leftovers(tmp_path) == []
+    ours = tmp_path / "ours.gguf"
+    assert run("export", "gguf", tiny_gguf_src, "-o", ours, "--type", "f32").exit_code == 0
+    replaced = run("export", "gguf", tiny_gguf_src, "-o", ours, "--type", "q8_0", "--force")
+    assert replaced.exit_code == 0, replaced.output
+    import gguf
+
+    assert gguf.GGUFReader(ours).fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+
+
+def test_the_embedded_models_file_and_the_cache_are_never_an_output(tiny_gguf_src, tmp_path, monkeypatch):
+    from surgery.models import resolve
+
+    embedded = Path(resolve("smollm2").location)  # resolving reads nothing but the package's location
+    size, mtime = embedded.stat().st_size, embedded.stat().st_mtime_ns
+    one_line_error(run("export", "gguf", tiny_gguf_src, "-o", embedded, "--force"), "holds an embedded model")
+    one_line_error(
+        run("export", "gguf", tiny_gguf_src, "-o", embedded.with_name("new.gguf")), "holds an embedded model"
+    )
+    assert (embedded.stat().st_size, embedded.stat().st_mtime_ns) == (size, mtime)
+    assert not embedded.with_name("new.gguf").exists()
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    inside = tmp_path / "cache" / "models" / "x.gguf"
+    one_line_error(run("export", "gguf", tiny_gguf_src, "-o", inside), "converted cache")
+    assert not inside.exists()

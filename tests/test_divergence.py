@@ -3,6 +3,8 @@ reference within its stated bounds, the reference cache, and the KV-cache path."
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -205,3 +207,30 @@ def test_unwritable_cache_still_evaluates(tok, reference, tmp_path, monkeypatch)
     monkeypatch.setenv("SURGERY_CACHE", str(blocker))
     other = tiny_model("llama", seed=7, max_position_embeddings=512)
     assert run(other, tok, reference, top_k=16).metrics[f"divergence.pydoc.kl@{LENGTH}"] > 0
+
+
+def test_a_top_k_kl_far_below_its_bound_is_flagged_and_gated_by_the_bound(tmp_path, monkeypatch):
+    """Against a distant reference the top-k KL is a lower bound far below the truth: its terminal
+    line and report say so, and a `max` gate on it reads the upper bound (a gate that the lower
+    bound would pass fails)."""
+    from click.testing import CliRunner
+
+    from surgery.cli import main
+
+    monkeypatch.setenv("SURGERY_CACHE", str(tmp_path / "cache"))
+    for name, seed in (("ref", 0), ("far", 5)):
+        surgery.save(tiny_model("llama", seed=seed, max_position_embeddings=512), char_tokenizer(), tmp_path / name)
+    spec = f"divergence reference={tmp_path / 'ref'} length=128 samples=2 top_k=2"
+    result = CliRunner().invoke(main, ["eval", str(tmp_path / "far"), "--eval", spec, "-o", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    line = next(x for x in result.output.splitlines() if "divergence.pydoc.kl@128 =" in x)
+    metrics = json.loads((tmp_path / "e" / "results.json").read_text())["results"][0]["metrics"]
+    kl, hi = metrics["divergence.pydoc.kl@128"], metrics["divergence.pydoc.kl_hi@128"]
+    assert hi > 2 * kl + 0.01  # the case the warning is for
+    assert "WARNING: a lower bound" in line and f"{hi:.4g}" in line and "top_k=0" in line
+    assert "(lower bound)" in (tmp_path / "e" / "report.md").read_text()
+    limit = (kl + hi) / 2  # above the lower bound, below the upper one
+    gate = f"divergence.pydoc.kl@128:max={limit}"
+    compared = CliRunner().invoke(main, ["compare", str(tmp_path / "e"), str(tmp_path / "e"), "--gate", gate])
+    assert compared.exit_code == 1, compared.output  # read from kl_hi: fails
+    assert "the upper bound of the top-k KL" in compared.output

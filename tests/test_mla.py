@@ -35,7 +35,7 @@ def full_rank(model, **params):
 
 @pytest.mark.parametrize("arch", ["llama", "mistral"])
 @pytest.mark.parametrize("interleave", [False, True])
-def test_full_rank_mqa_conversion_reproduces_the_logits(arch, interleave):
+def test_full_rank_mqa_conversion_reproduces_the_logits(arch, interleave, lossless_mla):
     model = tiny_model(arch, num_key_value_heads=1)
     ids = tokens(100)  # past the 64 trained positions
     before = logits(model, ids)
@@ -48,7 +48,7 @@ def test_full_rank_mqa_conversion_reproduces_the_logits(arch, interleave):
     assert record.details["latent_norm_deviation"] is None  # svd: no calibration text to measure on
 
 
-def test_full_rank_conversion_of_a_yarn_model_keeps_its_scaling():
+def test_full_rank_conversion_of_a_yarn_model_keeps_its_scaling(lossless_mla):
     model = tiny_model("llama", num_key_value_heads=1)
     surgery.apply(model, "yarn", factor=4)
     ids = tokens(200)
@@ -252,7 +252,7 @@ def test_a_quantized_cache_set_up_before_the_conversion_is_refused_not_dropped()
     assert type(model).__name__ == "LlamaForCausalLM"
 
 
-def test_the_scale_norm_writes_no_bias_and_reloads(tmp_path):
+def test_the_scale_norm_writes_no_bias_and_reloads(tmp_path, lossless_mla):
     """latent_norm=scale: the layout vLLM and SGLang build (no kv_a or o_proj bias); the norm's
     per-token scale is measured on calibration text, and the checkpoint reloads to the same logits."""
     from safetensors import safe_open
@@ -270,3 +270,15 @@ def test_the_scale_norm_writes_no_bias_and_reloads(tmp_path):
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "mla").eval()
     ids = tokens(40)
     assert torch.equal(logits(stock, ids), logits(model, ids))
+
+
+def test_a_latent_as_wide_as_the_cache_it_replaces_is_refused():
+    """The cache must shrink: latent + RoPE key at or above 2 x kv heads x head dim is refused
+    before anything changes (a rank of 100000 once ran minutes and wrote 17 GB)."""
+    model = tiny_model("llama")  # 2 kv heads x 16: 64 values per token and layer
+    before = logits(model, tokens(20))
+    for rank, rope in ((56, 8), (100, 8), (48, 16)):
+        with pytest.raises(UnsupportedModel, match=f"not below the 64 the model caches now.*below {64 - rope}"):
+            surgery.apply(model, "mla", kv_rank=rank, rope_dim=rope, method="svd")
+    assert type(model).__name__ == "LlamaForCausalLM" and torch.equal(logits(model, tokens(20)), before)
+    surgery.apply(model, "mla", kv_rank=55, rope_dim=8, method="svd")  # 63 < 64: allowed

@@ -129,3 +129,26 @@ def test_a_patch_that_cannot_prove_its_effect_does_not_register():
     with pytest.raises(TypeError, match="must implement rewrite and verify"):
         register(Unverified)
     assert "unverified" not in PATCHES
+
+
+def _bounds(field) -> tuple[bool, bool]:
+    """(has a lower bound, has an upper bound) among a pydantic field's constraints."""
+    import annotated_types as at
+
+    lower = any(isinstance(m, (at.Ge, at.Gt)) for m in field.metadata)
+    upper = any(isinstance(m, (at.Le, at.Lt)) for m in field.metadata)
+    return lower, upper
+
+
+@pytest.mark.parametrize("name", sorted(PATCHES))
+def test_every_number_a_patch_takes_is_bounded_on_both_sides(name):
+    """A size parameter without a checked bound is a way to spend minutes, or fill a disk, before a
+    refusal (an MLA rank of 100000 once wrote 17 GB): every int and float parameter has both."""
+    import typing
+
+    unbounded = []
+    for field_name, field in PATCHES[name].model_fields.items():
+        kinds = set(typing.get_args(field.annotation)) or {field.annotation}
+        if kinds & {int, float} and _bounds(field) != (True, True):
+            unbounded.append(field_name)
+    assert unbounded == [], f"{name}: {unbounded}"

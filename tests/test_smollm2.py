@@ -89,7 +89,7 @@ def test_kv_int8_greedy_matches_and_perplexity_deltas(smollm2):
     assert base < int4 <= base * 1.02
 
 
-def test_full_rank_mla_of_the_mqa_pooled_model_reproduces_its_logits(smollm2):
+def test_full_rank_mla_of_the_mqa_pooled_model_reproduces_its_logits(smollm2, lossless_mla):
     """3 -> 1 kv heads by mean pooling, then MLA keeping all 64 RoPE dimensions and a latent of the
     64 value dimensions plus the norm's constant channel: the same function, as a stock DeepseekV3.
     Tolerance: float32 rounding of another multiplication order through 30 layers, and the latent

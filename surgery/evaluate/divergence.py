@@ -448,3 +448,26 @@ class Divergence(Eval):
             "bound": "exact" if not self.top_k else f"top-{self.top_k}: exact KL in [kl, kl + kl_gap] per position",
         }
         return metrics, details
+
+
+def kl_bound_warnings(results: list[Any]) -> dict[str, str]:
+    """For each top-k KL metric far below its upper bound (a gap above both the value and 0.01
+    nats), the sentence that belongs on its line: the headline number is then only a lower bound,
+    and a reader must not take it for the divergence. Keyed by the full metric name."""
+    out = {}
+    for result in results:
+        if result.name != "divergence" or not result.params.get("top_k"):
+            continue
+        k = int(result.params["top_k"])
+        for name, value in result.metrics.items():
+            stem, _, length = name.rpartition("@")
+            if not stem.endswith(".kl"):
+                continue
+            hi, gap = result.metrics.get(f"{stem}_hi@{length}"), result.metrics.get(f"{stem}_gap@{length}")
+            if hi is None or gap is None or gap <= max(0.01, value):
+                continue
+            out[name] = (
+                f"a lower bound: the exact KL is up to {hi:.4g} (the reference's top-{k} leaves too much of its tail "
+                f"out); gates on kl read that bound; rerun with top_k=0 for the exact value, or top_k={8 * k}"
+            )
+    return out

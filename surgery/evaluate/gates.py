@@ -178,6 +178,17 @@ def check_with_confidence(
     return "inconclusive", f"{text}: {advice}", more
 
 
+def safe_bound(name: str, rule: Rule, after: dict[str, float]) -> str:
+    """The metric a rule should read for `name`: a top-k KL (`X.kl@N`) is a lower bound of the
+    exact KL, so a rule that bounds it from above (max, max_increase) reads its upper bound
+    `X.kl_hi@N` where one was measured; anything else reads `name` itself."""
+    stem, at, length = name.rpartition("@")
+    upper = stem[:-2] + "kl_hi" if stem.endswith(".kl") else ""
+    if upper and f"{upper}{at}{length}" in after and rule.kind in ("max", "max_increase"):
+        return f"{upper}{at}{length}"
+    return name
+
+
 def evaluate_gates(
     gates: list[Gate],
     before: dict[str, float] | None,
@@ -194,26 +205,29 @@ def evaluate_gates(
             raise GateError(f"gate '{gate.text}': no metric '{gate.metric}'{did_you_mean(gate.metric, list(after))}")
         for name in names:
             for rule in gate.rules:
-                prior = (before or {}).get(name)
+                read = safe_bound(name, rule, after)
+                prior = (before or {}).get(read)
                 if rule.kind in NEEDS_BEFORE and prior is None:
-                    raise GateError(f"gate '{gate.text}': {rule.kind} needs a baseline, and '{name}' has none before")
+                    raise GateError(f"gate '{gate.text}': {rule.kind} needs a baseline, and '{read}' has none before")
                 more = None
-                passed, message = check_rule(rule, prior, after[name], name)  # also refuses zero baselines
+                passed, message = check_rule(rule, prior, after[read], read)  # also refuses zero baselines
                 status = "pass" if passed else "fail"
-                if gate.confidence and name in a_ci and (rule.kind not in NEEDS_BEFORE or name in b_ci):
+                if gate.confidence and read in a_ci and (rule.kind not in NEEDS_BEFORE or read in b_ci):
                     status, message, more = check_with_confidence(
-                        rule, b_ci.get(name), a_ci[name], name, gate.confidence
+                        rule, b_ci.get(read), a_ci[read], read, gate.confidence
                     )
                 elif gate.confidence:  # significance was asked for and cannot be had
                     status = "inconclusive"
                     message += " (no interval to judge at this confidence: inconclusive)"
+                if read != name:
+                    message += f" (read from {read.rpartition('.')[2]}, the upper bound of the top-k KL)"
                 outcomes.append(
                     GateOutcome(
                         gate=gate.text,
                         metric=name,
                         rule=rule.describe(),
                         before=prior,
-                        after=after[name],
+                        after=after[read],
                         passed=status == "pass",
                         message=message,
                         status=status,

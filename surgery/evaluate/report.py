@@ -297,12 +297,16 @@ def write_report(report: Report, directory: Path) -> list[Path]:
         Row(metric=m, before=None, after=v)
         for m, v in sorted(report.metrics.items(), key=lambda kv: _metric_key(kv[0]))
     ]
-    est = report.estimates
+    from surgery.evaluate.divergence import kl_bound_warnings
+
+    est, bounds = report.estimates, kl_bound_warnings(report.results)
     lines = [f"# Evaluation of {report.model}", "", "| metric | value | 95% interval | n |", "|---|---:|---:|---:|"]
     for r in rows:
         e = est.get(r.metric)
         ci = f"[{fmt(e.low)}, {fmt(e.high)}] | {e.n}" if e else "— | —"
-        lines.append(f"| {r.metric} | {fmt(r.after)} | {ci} |")
+        warn = " (lower bound)" if r.metric in bounds else ""
+        lines.append(f"| {r.metric} | {fmt(r.after)}{warn} | {ci} |")
+    lines += [""] + [f"**Warning:** `{m}` is {text}." for m, text in bounds.items()] if bounds else []
     lines += ["", "| eval | seconds |", "|---|---:|"] + [f"| {r.name} | {r.seconds:.1f} |" for r in report.results]
     written = [directory / "results.json", directory / "report.md"]
     plot = plot_perplexity({report.model: report}, directory / "perplexity.png")

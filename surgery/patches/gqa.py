@@ -91,13 +91,15 @@ class GQA(Patch):
         {"num_kv_heads": 1, "method": "fitted", "calibration_tokens": 64, "fit_tokens": 64, "fit_steps": 3},
     ]
 
-    num_kv_heads: int = Field(ge=1, description="key/value heads after pooling; must divide the current count")
+    num_kv_heads: int = Field(
+        ge=1, le=1 << 12, description="key/value heads after pooling; must divide the current count"
+    )
     method: Literal["mean", "aligned", "fitted"] = Field(
         "mean",
         description="mean: average the heads; aligned: rotate heads onto each other on calibration text first; "
         "fitted: aligned, then each layer's attention trained to reproduce the original's outputs",
     )
-    calibration_tokens: int = Field(2048, ge=16, description="tokens of calibration text for the alignment")
+    calibration_tokens: int = Field(2048, ge=16, le=1 << 22, description="tokens of calibration text for the alignment")
     calibration_text: CalibrationText = "pydoc"
     fit_tokens: FitTokens = 8192
     fit_steps: FitSteps = 50

@@ -29,13 +29,14 @@ log = logging.getLogger(__name__)
 CalibrationText = Annotated[
     TextSource, Field(description="calibration source (train split): pydoc, docs, a file, or hf:NAME")
 ]
-FitTokens = Annotated[int, Field(ge=16, description="fitted: calibration tokens the layers are fitted on")]
-FitSteps = Annotated[int, Field(ge=0, description="fitted: Adam steps per layer (4 sequences each)")]
+FitTokens = Annotated[int, Field(ge=16, le=1 << 22, description="fitted: calibration tokens the layers are fitted on")]
+FitSteps = Annotated[int, Field(ge=0, le=100_000, description="fitted: Adam steps per layer (4 sequences each)")]
 FitLr = Annotated[float, Field(gt=0, le=1, description="fitted: peak learning rate (cosine to a tenth)")]
 FitSeqLen = Annotated[
     int,
     Field(
         ge=16,
+        le=1 << 20,
         description="fitted: tokens per calibration window (capped by the model's context); the fit only sees "
         "query-key distances below it",
     ),

@@ -51,11 +51,15 @@ class KVQuant(Patch):
         "int", description="int: KIVI-style pure-torch cache; fp8: transformers' built-in fp8 cache"
     )
     residual: int | None = Field(
-        None, ge=1, description="int: recent tokens kept in full precision, a multiple of group_size (default 128)"
+        None,
+        ge=1,
+        le=1 << 20,
+        description="int: recent tokens kept in full precision, a multiple of group_size (default 128)",
     )
     group_size: int | None = Field(
         None,
         ge=1,
+        le=1 << 16,
         description="int: elements sharing one scale (tokens per key channel, channels per value; default 64)",
     )
 
@@ -75,7 +79,7 @@ class KVQuant(Patch):
         description="fp8 scales: leave sliding-window layers in full precision (listed in the scheme's ignore; "
         "serve with vLLM's --kv-cache-dtype-skip-layers sliding_window); without it such models are refused",
     )
-    calibration_tokens: int = Field(8192, ge=16, description="fp8 scales: tokens of calibration text")
+    calibration_tokens: int = Field(8192, ge=16, le=1 << 22, description="fp8 scales: tokens of calibration text")
     calibration_text: TextSource = Field(
         "pydoc", description="fp8 scales: calibration source (train split): pydoc, docs, a file, or hf:NAME"
     )

@@ -68,10 +68,11 @@ class MLA(Patch):
 
     kv_rank: int = Field(
         ge=2,
+        le=1 << 16,
         description="latent channels cached per token and layer (kv_lora_rank); latent_norm constant uses one of them",
     )
     rope_dim: int | None = Field(
-        None, ge=2, description="dimensions of the shared RoPE key (even; default half the head dim)"
+        None, ge=2, le=1 << 12, description="dimensions of the shared RoPE key (even; default half the head dim)"
     )
     method: Literal["svd", "calibrated", "fitted"] = Field(
         "calibrated",
@@ -87,7 +88,9 @@ class MLA(Patch):
     interleave: bool = Field(
         False, description="write the RoPE dimensions as interleaved pairs (rope_interleave, vLLM's MLA layout)"
     )
-    calibration_tokens: int = Field(2048, ge=16, description="calibrated/fitted: tokens of calibration text")
+    calibration_tokens: int = Field(
+        2048, ge=16, le=1 << 22, description="calibrated/fitted: tokens of calibration text"
+    )
     calibration_text: CalibrationText = "pydoc"
     fit_tokens: FitTokens = 8192
     fit_steps: FitSteps = 50
@@ -133,6 +136,7 @@ class MLA(Patch):
         rot = self.rotary_dims(d)
         if rot > d:
             raise UnsupportedModel(f"{self.name}: rope_dim {rot} exceeds the head dim {d}")
+        self.check_compresses(config, rot)
         rope = dict(getattr(config, "rope_parameters", None) or {})
         rope_type = rope.get("rope_type", "default")
         if "rope_type" not in rope:
@@ -149,6 +153,19 @@ class MLA(Patch):
             raise UnsupportedModel(
                 f"{self.name}: stock DeepseekV3 cannot reproduce this model's {rope_type} RoPE frequencies with "
                 f"{rot} rotary dimensions; try rope_dim {d}"
+            )
+
+    def check_compresses(self, config: Any, rot: int) -> None:
+        """Refuse a latent plus RoPE key at or above the per-token width the model caches now: the
+        conversion would cost minutes and gigabytes for a larger cache. (The exactness tests
+        lift this to prove the conversion at full rank, which keeps everything.)"""
+        d, n_kv = head_dim(config), kv_heads(config)
+        width = 2 * n_kv * d  # values cached per token and layer now
+        if self.kv_rank + rot >= width:
+            raise UnsupportedModel(
+                f"{self.name}: latent {self.kv_rank} + RoPE key {rot} = {self.kv_rank + rot} values per token and "
+                f"layer is not below the {width} the model caches now (keys and values of {n_kv} kv heads x {d}), "
+                f"so the cache would not shrink; choose --kv-rank below {width - rot}"
             )
 
     def calibration_sources(self) -> list[str]:

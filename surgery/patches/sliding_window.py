@@ -98,9 +98,11 @@ class SlidingWindow(Patch):
     architectures: ClassVar[tuple[str, ...]] = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
     examples: ClassVar[list[dict[str, Any]]] = [{"window": 8}, {"window": 8, "global_every": 2}]
 
-    window: int = Field(ge=1, description="tokens each position attends to: itself and the window-1 before it")
+    window: int = Field(
+        ge=1, le=1 << 24, description="tokens each position attends to: itself and the window-1 before it"
+    )
     global_every: int | None = Field(
-        None, ge=2, description="keep every K-th layer global (layers K-1, 2K-1, ...), the others slide"
+        None, ge=2, le=1 << 12, description="keep every K-th layer global (layers K-1, 2K-1, ...), the others slide"
     )
     layers: list[int] | None = Field(
         None,
