@@ -36,13 +36,35 @@ def check_source(source: str) -> str:
     if source in NAMED or (source.startswith("hf:") and len(source) > 3):
         return source
     path = Path(source).expanduser()
-    if not path.is_file():
-        raise ValueError(
-            f"no such text source '{source}'; use pydoc, docs, licenses, a .txt or .jsonl file, or hf:NAME[:CONFIG]"
-        )
-    if path.suffix not in (".txt", ".jsonl"):
-        raise ValueError(f"text source '{source}' is not a .txt or .jsonl file")
+    problem = file_problem(path, source)
+    if problem:
+        raise ValueError(problem)
     return source
+
+
+MAX_TEXT_BYTES = 1 << 30  # a text file larger than this is refused, not read into memory (~250M tokens)
+
+
+def file_problem(path: Path, source: str) -> str | None:
+    """Why the file `source` (at `path`) cannot be a text source, as one sentence (None when it
+    can): missing, a directory, a FIFO or a device (which would hang or never end), the wrong
+    suffix, or too large to read."""
+    use = "use pydoc, docs, licenses, a .txt or .jsonl file, or hf:NAME[:CONFIG]"
+    if not path.exists():
+        return f"no such text source '{source}'; {use}"
+    if path.is_dir():
+        return f"text source '{source}' is a directory; name a .txt or .jsonl file inside it"
+    if not path.is_file():
+        return f"text source '{source}' is not a regular file (a pipe, a socket or a device); save the text to a file"
+    if path.suffix not in (".txt", ".jsonl"):
+        return f"text source '{source}' is not a .txt or .jsonl file"
+    size = path.stat().st_size
+    if size > MAX_TEXT_BYTES:
+        return (
+            f"text source '{source}' is {size / 2**30:.1f} GiB, more than the {MAX_TEXT_BYTES >> 30} GiB surgery "
+            "reads from one file; pass a part of it, or a dataset as hf:NAME"
+        )
+    return None
 
 
 def join_mix(value: object) -> object:
@@ -222,15 +244,20 @@ def documents(source: str, split: Split = "heldout", field: str = "text") -> lis
     if source.startswith("hf:"):
         return dataset_rows(source[3:], split, field)
     path = Path(source).expanduser()
-    if not path.is_file() or path.suffix not in (".txt", ".jsonl"):
-        raise SurgeryError(
-            f"{'no such text source' if not path.is_file() else 'not a .txt or .jsonl file'}: '{source}'; "
-            "use pydoc, docs, licenses, a .txt or .jsonl file, or hf:NAME[:CONFIG]"
-        )
+    problem = file_problem(path, source)
+    if problem:
+        raise SurgeryError(problem)
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise SurgeryError(f"{path} is not UTF-8 text (byte {err.start}); convert it to UTF-8") from None
+    except MemoryError:
+        raise SurgeryError(
+            f"{path} ({path.stat().st_size / 2**20:.0f} MiB) does not fit in the memory this process may use; "
+            "pass a smaller part of it"
+        ) from None
+    except OSError as err:
+        raise SurgeryError(f"cannot read {path}: {err.strerror}") from None
     if path.suffix == ".jsonl":
         return jsonl_rows(path, text, field)
     return [text]

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.checkpoint import is_gguf
-from surgery.errors import SurgeryError, UnsupportedModel
+from surgery.errors import SurgeryError, UnsupportedModel, did_you_mean
 from surgery.io import atomic_file, progress
 from surgery.patch import history
 
@@ -36,6 +36,18 @@ log = logging.getLogger(__name__)
 ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}  # model_type -> GGUF arch
 PERMUTED = {"llama"}  # GGUF archs whose q/k rows llama.cpp keeps interleaved (GPT-J style rotation)
 TYPES = ("f32", "f16", "q8_0")
+# the `tokenizer.ggml.pre` names llama.cpp's BPE vocab loader knows (src/llama-vocab.cpp, late 2025);
+# any other name makes it warn and fall back to its default split, or refuse the file
+PRE_TOKENIZERS = (
+    "default", "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+    "deepseek-llm", "deepseek-coder", "deepseek-v3", "falcon", "mpt", "starcoder", "gpt-2", "phi-2", "jina-es",
+    "jina-de", "gigachat", "jina-v2-es", "jina-v2-de", "a.x-4.0", "mellum", "jina-v1-en", "jina-v2-code",
+    "roberta-bpe", "refact", "command-r", "qwen2", "deepseek-r1-qwen", "kormo", "stablelm2", "olmo", "dbrx",
+    "smaug-bpe", "poro-chat", "glm4", "chatglm-bpe", "viking", "jais", "tekken", "smollm", "codeshell", "bloom",
+    "gpt3-finnish", "exaone", "exaone4", "chameleon", "minerva-7b", "megrez", "gpt-4o", "llama4", "superbpe",
+    "trillion", "granite-docling", "bailingmoe", "bailingmoe2", "llada-moe", "seed-coder", "hunyuan",
+    "hunyuan-dense", "kimi-k2", "grok-2", "afmoe", "minimax-m2",
+)  # fmt: skip
 
 
 @dataclass
@@ -91,20 +103,30 @@ def export_gguf(
 
     if type not in TYPES:
         raise SurgeryError(f"unknown GGUF type '{type}'; choose from {', '.join(TYPES)}")
+    if tokenizer_pre is not None and tokenizer_pre not in PRE_TOKENIZERS:
+        raise SurgeryError(
+            f"--tokenizer-pre '{tokenizer_pre}' is not a pre-tokenizer llama.cpp knows"
+            f"{did_you_mean(tokenizer_pre, list(PRE_TOKENIZERS))} (llama.cpp would fall back to its default split)"
+        )
     start = time.perf_counter()
     source = resolve(str(src))
-    here = local_dir(source)
-    if here is None:
+    if source.kind == "hub":
         raise SurgeryError(f"export reads a local checkpoint; download {src} to a directory first")
     out = Path(out)
     if out.suffix != ".gguf":
         raise SurgeryError(f"{out}: name the output FILE.gguf")
+    check_file_target(out, force, source.paths())  # before a GGUF source is converted (seconds, a cache entry)
+    here = local_dir(source)
+    assert here is not None
     sources = [here, *source.paths()]
     check_file_target(out, force, sources)
     model, headers, _ = checked_skeleton(here)  # custom code, damaged shards, missing tensors: refused here
     config = model.config
     if config.model_type not in ARCH:
         raise UnsupportedModel(f"export gguf supports model types {', '.join(ARCH)}; got '{config.model_type}'")
+    rope = getattr(config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "yarn":
+        checked_yarn(rope)  # before anything is written
     lost = lost_in_gguf(config)
     if lost and not allow_loss:
         raise SurgeryError(
@@ -320,11 +342,25 @@ def write_metadata(writer: Any, config: Any, here: Path, type: str, base_model: 
         writer.add_rope_scaling_factor(float(rope["factor"]))
         original = rope.get("original_max_position_embeddings") or config.max_position_embeddings
         writer.add_rope_scaling_orig_ctx_len(int(original))
-        writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast") or 32.0))
-        writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow") or 1.0))
+        yarn = checked_yarn(rope)
+        writer.add_rope_scaling_yarn_beta_fast(float(yarn.beta_fast))
+        writer.add_rope_scaling_yarn_beta_slow(float(yarn.beta_slow))
     # llama3: no scaling type; the factors travel as the rope_freqs tensor, as llama.cpp writes it
     writer.add_string(WRITTEN_BY, json.dumps([r["name"] for r in history(config)]))
     writer.add_string("surgery.rope_parameters", json.dumps(rope))  # exact, for surgery's own loader
+
+
+def checked_yarn(rope: dict[str, Any]) -> Any:
+    """A checkpoint's YaRN parameters held to the bounds `surgery apply yarn` keeps (absent ones
+    take its defaults; present ones, 0 included, are kept or refused, never replaced)."""
+    import surgery.patches.rope  # noqa: F401  (registers yarn)
+    from surgery.patch import make_patch
+
+    names = ("factor", "beta_fast", "beta_slow", "attention_factor")
+    try:
+        return make_patch("yarn", **{k: rope[k] for k in names if rope.get(k) is not None})
+    except SurgeryError as err:
+        raise SurgeryError(f"the checkpoint's yarn RoPE parameters are out of range ({err}); fix config.json") from None
 
 
 def rope_freqs(config: Any) -> Any:

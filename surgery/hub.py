@@ -326,6 +326,9 @@ def push(
             raise SurgeryError(f"--gguf {extra}: no such file")
         if extra.is_symlink() or not extra.is_file() or not is_gguf(extra):
             raise SurgeryError(f"{extra} is not a GGUF file; pass one written by `surgery export gguf`")
+        problem = gguf_mismatch(extra, folder)
+        if problem:
+            raise SurgeryError(f"--gguf {extra}: {problem}; export it from {folder} with `surgery export gguf`")
         if extra.name in added:
             if added[extra.name].resolve() == extra.resolve():
                 continue  # the same file named twice
@@ -372,6 +375,37 @@ def refuse_foreign(folder: Path) -> None:
             raise UnsafeInput(f"{folder} holds {f.relative_to(folder)} (code or a pickle); surgery pushes neither")
         if f.suffix == ".json" and auto_map_of(f) is not None:
             raise UnsafeInput(f"{folder}/{f.relative_to(folder)} points at custom code (auto_map); remove it first")
+
+
+def gguf_mismatch(path: Path, folder: Path) -> str | None:
+    """Why a GGUF file is not an export of the checkpoint in `folder` (None when it is): unreadable,
+    not written by surgery, or a header whose shape or patch list differs from the config's."""
+    import gguf
+
+    try:
+        fields = gguf.GGUFReader(path).fields
+        values = {k: fields[k].contents() for k in fields if not k.startswith("tokenizer.")}
+        config = json.loads((folder / "config.json").read_text())
+    except Exception as err:  # the reader raises ValueError, KeyError, struct and numpy errors
+        return f"it is not a complete GGUF file ({type(err).__name__})"
+    if "surgery.patches" not in values:
+        return "it was not written by surgery (no surgery.patches key)"
+    arch = values.get("general.architecture")
+    text = config.get("text_config") or config
+    want = {
+        "block_count": text.get("num_hidden_layers"),
+        "embedding_length": text.get("hidden_size"),
+        "attention.head_count": text.get("num_attention_heads"),
+        "attention.head_count_kv": text.get("num_key_value_heads") or text.get("num_attention_heads"),
+    }
+    for key, expected in want.items():
+        got = values.get(f"{arch}.{key}")
+        if expected is not None and got != expected:
+            return f"its {key.split('.')[-1]} is {got}, the checkpoint's {expected}: it was exported from another model"
+    patches = [r.get("name") for r in (config.get("surgery") or []) if isinstance(r, dict)]
+    if json.loads(values["surgery.patches"]) != patches:
+        return f"it records the patches {values['surgery.patches']}, the checkpoint {json.dumps(patches)}"
+    return None
 
 
 def read_patches(folder: Path) -> list[dict[str, Any]]:

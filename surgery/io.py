@@ -266,12 +266,25 @@ def atomic_file(out: Path, check: Callable[[Path], None]) -> Iterator[Path]:
                 os.chmod(tmp, 0o666 & ~UMASK)
                 os.replace(tmp, out)
             except OSError as err:
-                raise UnsafeOutput(f"cannot write {out}: {err.strerror or err}; choose another output") from None
+                raise UnsafeOutput(f"cannot write {out}: {os_reason(err)}; choose another output") from None
             finally:
                 tmp.unlink(missing_ok=True)
     except BaseException:
         _remove_empty(created)
         raise
+
+
+def os_reason(err: OSError) -> str:
+    """A file system error in words: its strerror, or for numpy's short write (no errno: "N
+    requested and M written") what it means, a full disk."""
+    import re
+
+    if err.strerror:
+        return err.strerror
+    short = re.fullmatch(r"(\d+) requested and (\d+) written", str(err))
+    if short:
+        return f"No space left on device (a short write: {short[2]} of {short[1]} bytes)"
+    return str(err) or type(err).__name__
 
 
 def permit(directory: Path) -> None:
@@ -307,7 +320,7 @@ def atomic_dir(out: str | Path, force: bool = False, sources: Iterable[str | Pat
             try:
                 yield tmp
             except (OSError, SafetensorError) as err:
-                reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[0]
+                reason = os_reason(err) if isinstance(err, OSError) else str(err).splitlines()[0]
                 raise UnsafeOutput(f"could not write {out}: {reason}; nothing was written") from None
             if not (tmp / MARKER).exists():
                 (tmp / MARKER).write_text('{"written_by": "surgery"}\n')

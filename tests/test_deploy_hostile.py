@@ -234,3 +234,27 @@ def test_the_embedded_models_file_and_the_cache_are_never_an_output(tiny_gguf_sr
     inside = tmp_path / "cache" / "models" / "x.gguf"
     one_line_error(run("export", "gguf", tiny_gguf_src, "-o", inside), "converted cache")
     assert not inside.exists()
+
+
+def test_push_refuses_a_gguf_that_is_not_this_checkpoints_export(tiny_gguf_src, tmp_path, monkeypatch):
+    """Only offline mode stopped these uploads before: a file with nothing but the magic, a GGUF
+    someone else wrote, and an export of another model (other kv heads, other patches)."""
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    magic = tmp_path / "magic.gguf"
+    magic.write_bytes(b"GGUF" + bytes(11))  # 15 bytes
+    one_line_error(run("push", tiny_gguf_src, "me/tiny", "--gguf", magic), "not a complete GGUF file")
+    theirs = foreign_gguf(tmp_path / "theirs.gguf")
+    one_line_error(run("push", tiny_gguf_src, "me/tiny", "--gguf", theirs), "not written by surgery")
+    other = tmp_path / "other"
+    surgery.save(tiny_model("llama", num_key_value_heads=1), byte_bpe(), other)
+    assert run("export", "gguf", other, "-o", tmp_path / "other.gguf").exit_code == 0
+    one_line_error(
+        run("push", tiny_gguf_src, "me/tiny", "--gguf", tmp_path / "other.gguf"),
+        "head_count_kv is 1, the checkpoint's 2",
+    )
+    yarn = tmp_path / "yarn"
+    assert run("apply", "yarn", "--factor", "2", tiny_gguf_src, "-o", yarn).exit_code == 0
+    assert run("export", "gguf", yarn, "-o", tmp_path / "yarn.gguf").exit_code == 0
+    one_line_error(
+        run("push", tiny_gguf_src, "me/tiny", "--gguf", tmp_path / "yarn.gguf"), 'records the patches ["yarn"]'
+    )

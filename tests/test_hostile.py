@@ -585,7 +585,130 @@ CASES: dict[str, tuple[str, Case]] = {
         "No space left on device",
         lambda w: [*APPLY, w.src, "-o", w.root / "full", "--load-weights"],
     ),
+    # ---- the reliability campaign on the newest surfaces (README "Safety", tests/HOSTILE.md)
+    "export tokenizer-pre typo": ("did you mean 'smollm'", lambda w: [*EXPORT(w), "--tokenizer-pre", "smolm"]),
+    "export yarn beta zero": (
+        "yarn RoPE parameters are out of range",
+        lambda w: ["export", "gguf", yarn_config(w, beta_fast=0.0), "-o", w.root / "m.gguf"],
+    ),
+    "export yarn betas crossed": (
+        "must be greater than beta_slow",
+        lambda w: ["export", "gguf", yarn_config(w, beta_fast=1.0, beta_slow=32.0), "-o", w.root / "m.gguf"],
+    ),
+    "export force over a foreign gguf": (
+        "surgery did not write",
+        lambda w: [*EXPORT(w, foreign_gguf(w.root / "theirs.gguf")), "--force"],
+    ),
+    "export onto the embedded model": ("holds an embedded model", lambda w: [*EXPORT(w, embedded_file()), "--force"]),
+    "export beside the embedded model": (
+        "holds an embedded model",
+        lambda w: EXPORT(w, embedded_file().with_name("mine.gguf")),
+    ),
+    "eval text a directory": ("is a directory", lambda w: ["eval", w.src, "--eval", f"perplexity text={w.root}"]),
+    "eval text a fifo": ("not a regular file", lambda w: ["eval", w.src, "--eval", f"perplexity text={fifo(w)}"]),
+    "eval text /dev/zero": ("not a regular file", lambda w: ["eval", w.src, "--eval", "perplexity text=/dev/zero"]),
+    "eval text too big": (
+        "more than the",
+        lambda w: ["eval", w.src, "--eval", f"perplexity text={w.file('big.txt', 'x' * 5000)}"],
+    ),
+    "check the same model twice": ("are the same checkpoint", lambda w: ["check", w.src, w.src]),
+    "check the same model by another path": (
+        "are the same checkpoint",
+        lambda w: ["check", w.src, f"{w.root}/./src/"],
+    ),
+    "check length beyond both contexts": (
+        "beyond what either model supports",
+        lambda w: ["check", w.src, w.copy(), "--length", "4000000"],
+    ),
+    "check unknown gate metric": (
+        "did you mean 'kl'",
+        lambda w: ["check", w.src, w.copy(), "--length", "32", "--gate", "divergence.pydoc.kll@32:max=0.05"],
+    ),
+    "check other tokenizer": (
+        "different tokenizers",
+        lambda w: ["check", w.src, other_tokenizer(w), "--length", "32"],
+    ),
+    "set negative index": (
+        "negative ones are not taken",
+        lambda w: [
+            "validate",
+            w.recipe("model: SRC\nsteps:\n  - patch: yarn\n    factor: 2\n"),
+            "--set",
+            "steps.-1.factor=4",
+        ],
+    ),
+    "recipe push before its save": (
+        "move the push after the save",
+        lambda w: [
+            "validate",
+            w.recipe(
+                "model: SRC\nsteps:\n  - patch: yarn\n    factor: 2\n  - push: {repo_id: me/x, path: ROOT/out}\n"
+                "  - save: ROOT/out\n"
+            ),
+        ],
+    ),
+    "mla rank at the cache width": (
+        "so the cache would not shrink",
+        lambda w: ["apply", "mla", "--kv-rank", "56", "--method", "svd", w.src, "-o", w.root / "o"],
+    ),
+    "mla rank beyond any model": (
+        "less than or equal to 65536",
+        lambda w: ["apply", "mla", "--kv-rank", "100000", "--method", "svd", w.src, "-o", w.root / "o"],
+    ),
+    "mla calibration tokens beyond bound": (
+        "less than or equal to 4194304",
+        lambda w: ["apply", "mla", "--kv-rank", "16", "--calibration-tokens", "1000000000000", w.src],
+    ),
+    "push a gguf of only its magic": (
+        "not a complete GGUF file",
+        lambda w: ["push", saved_model(w), "user/name", "--gguf", w.file("magic.gguf", b"GGUF" + bytes(11))],
+    ),
+    "push a gguf someone else wrote": (
+        "not written by surgery",
+        lambda w: ["push", saved_model(w), "user/name", "--gguf", foreign_gguf(w.root / "theirs.gguf")],
+    ),
 }
+
+
+def EXPORT(w: World, out: Path | None = None) -> list:  # noqa: N802  (reads like the APPLY prefix)
+    return ["export", "gguf", w.src, "-o", out or w.root / "m.gguf"]
+
+
+def yarn_config(w: World, **rope) -> Path:
+    return edit_config(
+        w,
+        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 2.0, **rope},
+        max_position_embeddings=128,
+    )
+
+
+def foreign_gguf(path: Path) -> Path:
+    from tests.test_deploy_hostile import foreign_gguf as write
+
+    return write(path)
+
+
+def embedded_file() -> Path:
+    from surgery.models import resolve
+
+    return Path(resolve("smollm2").location)
+
+
+def fifo(w: World) -> Path:
+    path = w.root / "pipe.txt"
+    os.mkfifo(path)
+    return path
+
+
+def other_tokenizer(w: World) -> Path:
+    from tests.test_deploy_hostile import byte_bpe
+
+    bad = w.copy()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (bad / name).unlink(missing_ok=True)
+    byte_bpe().save_pretrained(bad)
+    return bad
+
 
 _locks: list[int] = []
 
@@ -616,6 +739,7 @@ def test_the_table_is_big_enough():
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_hostile_input_is_one_line_exit_2_and_touches_nothing(name, template, tmp_path, monkeypatch):
+    import surgery.data
     import surgery.hub
 
     message, case = CASES[name]
@@ -624,6 +748,8 @@ def test_hostile_input_is_one_line_exit_2_and_touches_nothing(name, template, tm
     monkeypatch.chdir(tmp_path / "cwd")
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens: no network, fast
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False) if name == "push without network" else None
+    if name == "eval text too big":
+        monkeypatch.setattr(surgery.data, "MAX_TEXT_BYTES", 1000)
     if name.startswith("disk full"):
         monkeypatch.setattr(surgery.hub, "clone_file", no_space)
         monkeypatch.setattr(surgery.hub, "write_metadata", no_space)

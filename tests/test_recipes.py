@@ -278,13 +278,17 @@ def test_push_cli_never_shows_the_token(tiny_dir, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and "is not a saved model" in bad.stderr
 
 
-def test_push_opens_a_pull_request_holding_the_gguf_too(tiny_dir, tmp_path, monkeypatch):
+def test_push_opens_a_pull_request_holding_the_gguf_too(tmp_path, monkeypatch):
     import huggingface_hub
+
+    from surgery.export import export_gguf
+    from tests.test_deploy_hostile import byte_bpe
 
     api = RecordingApi(tmp_path / "hub")
     monkeypatch.setattr(huggingface_hub, "HfApi", lambda: api)
-    gguf = tmp_path / "tiny-f16.gguf"
-    gguf.write_bytes(b"GGUF" + bytes(60))
+    tiny_dir = tmp_path / "tiny"
+    surgery.save(tiny_model("llama", num_hidden_layers=2), byte_bpe(), tiny_dir)
+    gguf = export_gguf(tiny_dir, tmp_path / "tiny-f16.gguf").path
     result = CliRunner().invoke(main, ["push", str(tiny_dir), "me/tiny", "--create-pr", "--gguf", str(gguf)])
     assert result.exit_code == 0, result.output
     assert "pull request: https://huggingface.co/me/tiny/discussions/2" in result.output

@@ -110,6 +110,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], source: str) -> 
             problems.append(f"--set {item!r}: write KEY=VALUE, e.g. steps.1.factor=8")
             continue
         parts = key.split(".")
+        if any(p.startswith("-") and p[1:].isdigit() for p in parts):
+            problems.append(
+                f"--set {key}: list positions count from 0 (steps.0 is the first step); negative ones are not taken"
+            )
+            continue
         node: Any = data
         try:
             for part in parts[:-1]:

@@ -155,6 +155,20 @@ def drop(directory: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def kept_or_dropped(err: SurgeryError, partial: Path, completed: int, main: bool) -> SurgeryError:
+    """A user error midway: OUT.partial goes when no step completed (nothing to resume); completed
+    steps (a heal may have taken an hour) are kept for --resume, and the error says so."""
+    if not main or not partial.exists():
+        return err
+    if completed == 0:
+        drop(partial)
+        return err
+    return SurgeryError(
+        f"{err} (the {completed} completed step{'s' if completed > 1 else ''} are kept in {partial}: "
+        "fix this and continue with --resume, or start over with --force)"
+    )
+
+
 def run_recipe(
     recipe: Recipe,
     out: str | Path,
@@ -203,9 +217,12 @@ def run_recipe(
         ctx = start(recipe, partial, state, resume or opened, say, main, api, opened=opened)
         ctx.sources = sources
         process.wait_for_everyone()
-        for step in recipe.compiled:
-            if step.index >= state.completed:
-                run_step_and_record(step, ctx, partial, process)
+        try:
+            for step in recipe.compiled:
+                if step.index >= state.completed:
+                    run_step_and_record(step, ctx, partial, process)
+        except SurgeryError as err:
+            raise kept_or_dropped(err, partial, state.completed, main) from None
         table = final_table(state)
         say(table)
         if main:

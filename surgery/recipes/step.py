@@ -20,6 +20,7 @@ class Seen:
 
     evals: set[str] = dataclasses.field(default_factory=set)
     saved: bool = False
+    pushed: dict[str, int] = dataclasses.field(default_factory=dict)  # resolved path -> index of the push naming it
 
 
 def build(cls: type[BaseModel], where: str, params: Any, problems: list[str]) -> Any:

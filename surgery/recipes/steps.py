@@ -305,6 +305,14 @@ class SaveStep(Step):
     def note(cls, value: Any, seen: Seen) -> None:
         seen.saved = True
 
+    def order(self, seen: Seen, problems: list[str]) -> None:
+        early = seen.pushed.get(str(Path(self.payload.path).expanduser().resolve()))
+        if early is not None:
+            problems.append(
+                f"steps.{early}.push uploads {self.payload.path}, which steps.{self.index}.save writes only after it; "
+                "move the push after the save"
+            )
+
     @property
     def label(self) -> str:
         return f"save {self.payload.path}"
@@ -364,6 +372,8 @@ class PushStep(Step):
             problems.append(
                 f"steps.{self.index}.push: nothing saved yet; put a save step before push (or give push a path)"
             )
+        if self.payload.path:
+            seen.pushed[str(Path(self.payload.path).expanduser().resolve())] = self.index
 
     @property
     def label(self) -> str:
